@@ -1,0 +1,64 @@
+"""Splitting a client's command stream into lines, with bounded memory."""
+
+from __future__ import annotations
+
+
+class LineTooLong:
+    """Type of the `LINE_TOO_LONG` sentinel."""
+
+    def __repr__(self) -> str:
+        return "LINE_TOO_LONG"
+
+
+LINE_TOO_LONG = LineTooLong()
+
+
+class LineReader:
+    """Command lines, each returned with its terminator; a line ends at LF.
+
+    A line may have at most `limit` bytes, terminator included.  A longer one is returned
+    as `LINE_TOO_LONG` (once) and its bytes are dropped as they arrive, so the buffer never
+    holds more than `limit` bytes of it.  Only `next_line()` judges length: bytes handed
+    over with `take_buffer()` (DATA, BDAT payloads) are never cut.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._buffer = bytearray()
+        self._skipping = False  # inside a too-long line already reported
+
+    def feed(self, data: bytes) -> None:
+        if self._skipping:
+            end = data.find(b"\n")
+            if end < 0:
+                return
+            self._skipping = False
+            data = data[end + 1 :]
+        self._buffer += data
+
+    def next_line(self) -> bytes | LineTooLong | None:
+        end = self._buffer.find(b"\n", 0, self._limit)
+        if end >= 0:
+            line = bytes(self._buffer[: end + 1])
+            del self._buffer[: end + 1]
+            return line
+        if len(self._buffer) < self._limit:
+            return None
+        end = self._buffer.find(b"\n", self._limit)
+        if end < 0:
+            self._buffer.clear()
+            self._skipping = True
+        else:
+            del self._buffer[: end + 1]
+        return LINE_TOO_LONG
+
+    def take_buffer(self) -> bytes:
+        """Remove and return everything buffered; the caller takes over the stream."""
+        data = bytes(self._buffer)
+        self._buffer.clear()
+        self._skipping = False
+        return data
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer)

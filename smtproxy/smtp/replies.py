@@ -1,0 +1,135 @@
+"""SMTP replies: the `Reply` value and an incremental parser for a server's reply stream.
+
+Reply text is decoded as UTF-8 with errors="surrogateescape": any byte sequence survives
+parse-then-serialise unchanged, so the proxy relays a peer's (possibly Latin-1) text byte
+for byte, and valid UTF-8 text reads naturally.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+from smtproxy.smtp.errors import PeerProtocolError
+
+_ENHANCED = re.compile(r"[245]\.[0-9]{1,3}\.[0-9]{1,3}(?= |$)")
+_LINE = re.compile(rb"([0-9]{3})(?:([ -])(.*))?", re.DOTALL)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Reply:
+    """One (possibly multi-line) reply; `lines` hold the text after "ddd-" / "ddd "."""
+
+    code: int
+    lines: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if not 200 <= self.code <= 599:
+            raise ValueError(f"reply code {self.code} outside 200..599")
+        if not self.lines:
+            raise ValueError("a reply has at least one line")
+        if any("\r" in line or "\n" in line for line in self.lines):
+            raise ValueError("reply lines must not contain CR or LF")
+
+    @classmethod
+    def of(cls, code: int, enhanced: str | None, text: str) -> Reply:
+        """`Reply.of(421, "4.3.0", "a\\nb")`: each line of `text` gets the enhanced code."""
+        lines = text.split("\n")
+        if enhanced is not None:
+            lines = [f"{enhanced} {line}" if line else enhanced for line in lines]
+        return cls(code, tuple(lines))
+
+    def serialize(self) -> bytes:
+        out = [f"{self.code}-{line}\r\n" for line in self.lines[:-1]]
+        last = self.lines[-1]
+        out.append(f"{self.code} {last}\r\n" if last else f"{self.code}\r\n")
+        return "".join(out).encode("utf-8", "surrogateescape")
+
+    @property
+    def enhanced(self) -> str | None:
+        match = _ENHANCED.match(self.lines[0])
+        return match.group() if match else None
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+    @property
+    def is_positive_completion(self) -> bool:
+        return 200 <= self.code < 300
+
+    @property
+    def is_intermediate(self) -> bool:
+        return 300 <= self.code < 400
+
+    @property
+    def is_transient(self) -> bool:
+        return 400 <= self.code < 500
+
+    @property
+    def is_permanent(self) -> bool:
+        return 500 <= self.code < 600
+
+
+def _bad_reply(why: str) -> PeerProtocolError:
+    return PeerProtocolError(Reply.of(421, "4.3.0", f"Error: {why}"))
+
+
+class ReplyParser:
+    """Turns a server's byte stream into `Reply` values.
+
+    Lines end at LF (CRLF preferred, bare LF tolerated).  `max_line` counts a line's bytes
+    including its terminator.  A malformed line raises `PeerProtocolError` from
+    `next_reply()` and stays buffered, so asking again raises again.
+    """
+
+    def __init__(self, max_line: int = 2048) -> None:
+        self._max_line = max_line
+        self._buffer = bytearray()
+        self._scanned = 0  # bytes of the buffer already parsed into `_lines`
+        self._code = 0
+        self._lines: list[str] = []
+
+    def feed(self, data: bytes) -> None:
+        self._buffer += data
+
+    def take_buffer(self) -> bytes:
+        """Remove and return every byte not yet returned as part of a reply."""
+        data = bytes(self._buffer)
+        self._buffer.clear()
+        self._scanned = 0
+        self._lines = []
+        return data
+
+    def next_reply(self) -> Reply | None:
+        while True:
+            start = self._scanned
+            end = self._buffer.find(b"\n", start, start + self._max_line)
+            if end < 0:
+                if len(self._buffer) - start >= self._max_line:
+                    raise _bad_reply("reply line too long")
+                return None
+            code, final, text = self._parse_line(bytes(self._buffer[start:end]))
+            self._scanned = end + 1
+            self._code = code
+            self._lines.append(text)
+            if final:
+                reply = Reply(code, tuple(self._lines))
+                del self._buffer[: self._scanned]
+                self._scanned = 0
+                self._lines = []
+                return reply
+
+    def _parse_line(self, line: bytes) -> tuple[int, bool, str]:
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        match = _LINE.fullmatch(line)
+        if match is None or b"\r" in line:
+            raise _bad_reply("malformed reply line")
+        code = int(match.group(1))
+        if not 200 <= code <= 599:
+            raise _bad_reply("reply code out of range")
+        if self._lines and code != self._code:
+            raise _bad_reply("reply code changed within a multi-line reply")
+        text = (match.group(3) or b"").decode("utf-8", "surrogateescape")
+        return code, match.group(2) != b"-", text
