@@ -1,0 +1,3 @@
+from smtproxy.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,72 @@
+"""Wiring: config -> TLS contexts, event bus, subscribers, listeners; signals; shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import structlog
+import uvloop
+
+from smtproxy.config import Config
+from smtproxy.events import EventBus
+from smtproxy.inbound.server import InboundServer
+from smtproxy.telemetry import logging as log_setup
+from smtproxy.tls.certificates import ensure_certificate
+from smtproxy.tls.server_context import ServerTls
+
+log = structlog.get_logger("smtproxy")
+
+
+class StartupError(Exception):
+    """A problem found while starting (certificate files, ports): one line for operators."""
+
+
+def build_server_tls(config: Config) -> ServerTls | None:
+    inbound = config.inbound
+    if not inbound.certificates:
+        return None
+    for index, certificate in enumerate(inbound.certificates):
+        if ensure_certificate(certificate, inbound.hostname):
+            log.warning(
+                "generated a self-signed certificate",
+                key=f"inbound.certificates[{index}]",
+                cert_file=str(certificate.cert_file),
+                key_file=str(certificate.key_file),
+            )
+    try:
+        return ServerTls(inbound.tls, inbound.certificates)
+    except (OSError, ValueError) as exc:
+        raise StartupError(f"inbound.certificates: cannot load TLS credentials: {exc}") from exc
+
+
+async def serve(config: Config) -> None:
+    bus = EventBus()
+    log_setup.subscribe(bus)
+    inbound = InboundServer(config.inbound, build_server_tls(config), bus)
+    try:
+        listeners = await inbound.start()
+    except OSError as exc:
+        raise StartupError(f"inbound.listen: cannot bind: {exc}") from exc
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    log.info("smtproxy ready", listeners=listeners, backend=str(config.inbound.backend))
+    await stop.wait()
+
+    log.info("smtproxy stopping", active_sessions=len(inbound.connections))
+    inbound.stop_listening()
+    await inbound.drain(config.inbound.drain_timeout)
+    log.info("smtproxy stopped")
+
+
+def run(config: Config) -> int:
+    log_setup.configure(config.log.format, config.log.level)
+    try:
+        uvloop.run(serve(config))
+    except StartupError as exc:
+        log.error(str(exc))
+        return 1
+    return 0

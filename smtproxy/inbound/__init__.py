@@ -1,0 +1,1 @@
+"""Inbound path: internet senders -> TLS termination -> plaintext legacy MTA."""

@@ -1,0 +1,476 @@
+"""The thin asyncio shell around `InboundSession`: sockets, TLS bytes, timers, limits.
+
+One `ClientConnection` per client socket owns the matching backend connection.  It feeds
+the session and executes its actions; it never interprets SMTP itself.  TLS runs over
+memory BIOs (`tls.engine.TlsEngine`), so every byte on the wire passes through here and
+plaintext that arrived before the handshake cannot leak into it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import time
+from typing import TYPE_CHECKING
+
+import structlog
+
+from smtproxy.events import (
+    Direction,
+    EventBus,
+    HandshakeFacts,
+    MessageRelayed,
+    SessionEnded,
+)
+from smtproxy.inbound.session import (
+    Action,
+    CloseBackend,
+    CloseClient,
+    Discarded,
+    InboundSession,
+    InboundSettings,
+    MessageFinished,
+    SendBackend,
+    SendClient,
+    StartTls,
+)
+from smtproxy.smtp import Reply
+from smtproxy.tls.engine import TlsEngine, TlsHandshakeError
+from smtproxy.tls.facts import build_facts
+from smtproxy.tls.wording import received_clause
+
+if TYPE_CHECKING:
+    from smtproxy.config import InboundConfig
+    from smtproxy.tls.server_context import ServerTls
+
+log = structlog.get_logger("smtproxy.inbound")
+_session_ids = itertools.count(1)
+
+
+class InboundServer:
+    """Listeners for one `[inbound]` section plus the connection limits they share."""
+
+    def __init__(self, config: InboundConfig, server_tls: ServerTls | None, bus: EventBus) -> None:
+        self.config = config
+        self.server_tls = server_tls
+        self.bus = bus
+        self.connections: set[ClientConnection] = set()
+        self.per_client: collections.Counter[str] = collections.Counter()
+        self._servers: list[asyncio.AbstractServer] = []
+        self._all_closed = asyncio.Event()
+        self._all_closed.set()
+
+    async def start(self, *, reuse_port: bool = False) -> list[str]:
+        loop = asyncio.get_running_loop()
+        bound = []
+        for implicit, addresses in ((False, self.config.listen), (True, self.config.implicit_tls_listen)):
+            for address in addresses:
+                server = await loop.create_server(
+                    lambda implicit=implicit: ClientConnection(self, implicit_tls=implicit),
+                    address.host,
+                    address.port,
+                    reuse_address=True,
+                    reuse_port=reuse_port or None,
+                    backlog=1024,
+                )
+                self._servers.append(server)
+                bound.append(f"{address}{' (implicit TLS)' if implicit else ''}")
+        return bound
+
+    def stop_listening(self) -> None:
+        for server in self._servers:
+            server.close()
+
+    async def drain(self, timeout: float) -> None:
+        """Let running sessions finish for up to `timeout`, then end the rest with 421."""
+        try:
+            await asyncio.wait_for(self._all_closed.wait(), timeout)
+        except asyncio.TimeoutError:
+            for connection in list(self.connections):
+                connection.shutdown()
+
+    def add(self, connection: ClientConnection, client_ip: str) -> None:
+        self.connections.add(connection)
+        self.per_client[client_ip] += 1
+        self._all_closed.clear()
+
+    def remove(self, connection: ClientConnection, client_ip: str) -> None:
+        if connection not in self.connections:
+            return
+        self.connections.discard(connection)
+        self.per_client[client_ip] -= 1
+        if self.per_client[client_ip] <= 0:
+            del self.per_client[client_ip]
+        if not self.connections:
+            self._all_closed.set()
+
+    def settings_for(self, client_ip: str) -> InboundSettings:
+        cfg = self.config
+        return InboundSettings(
+            hostname=cfg.hostname,
+            security_level=cfg.level_for(client_ip),
+            tls_available=self.server_tls is not None,
+            client_identity=cfg.client_identity,
+            auth_only_after_tls=cfg.auth_only_after_tls,
+            bare_newline=cfg.bare_newline,
+            max_message_size=cfg.max_message_size,
+            max_command_line=cfg.max_command_line,
+            max_reply_line=cfg.max_reply_line,
+            max_text_line=cfg.max_text_line,
+            max_errors=cfg.max_errors,
+        )
+
+    def admission_refusal(self, client_ip: str) -> Reply | None:
+        cfg = self.config
+        if len(self.connections) >= cfg.max_connections:
+            return Reply.of(421, "4.7.0", f"{cfg.hostname} Error: too many connections")
+        if cfg.max_connections_per_client and self.per_client[client_ip] >= cfg.max_connections_per_client:
+            return Reply.of(421, "4.7.0", f"{cfg.hostname} Error: too many connections from {client_ip}")
+        return None
+
+
+class _BackendProtocol(asyncio.Protocol):
+    def __init__(self, connection: ClientConnection) -> None:
+        self.connection = connection
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        # Here, not after `await create_connection()`: the greeting may already be queued
+        # behind this callback and must find the session waiting for it.
+        self.connection.on_backend_connected(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.connection.on_backend_data(data)
+
+    def eof_received(self) -> bool:
+        self.connection.on_backend_closed()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.connection.on_backend_closed()
+
+    def pause_writing(self) -> None:
+        self.connection.backend_congested = True
+        self.connection.update_reading()
+
+    def resume_writing(self) -> None:
+        self.connection.backend_congested = False
+        self.connection.update_reading()
+
+
+class ClientConnection(asyncio.Protocol):
+    def __init__(self, server: InboundServer, *, implicit_tls: bool) -> None:
+        self.server = server
+        self.implicit_tls = implicit_tls
+        self.transport: asyncio.Transport | None = None
+        self.backend: asyncio.Transport | None = None
+        self.backend_congested = False
+        self.session: InboundSession | None = None
+        self.engine: TlsEngine | None = None
+        self._handshake_started = 0.0
+        self._started = time.monotonic()
+        self._client_ip = ""
+        self._client_port = 0
+        self._reading_paused = False
+        self._closed = False
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._backend_timer: asyncio.TimerHandle | None = None
+        self._handshake_timer: asyncio.TimerHandle | None = None
+        self._backend_task: asyncio.Task[None] | None = None
+        self.log = log
+
+    # ----------------------------------------------------------------- client socket
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        local = transport.get_extra_info("sockname")
+        self._client_ip, self._client_port = peer[0], peer[1]
+        self.log = log.bind(session=next(_session_ids), client=f"unknown[{self._client_ip}]")
+        refusal = self.server.admission_refusal(self._client_ip)
+        if refusal is not None:
+            self.log.warning("connection refused", reason=refusal.text)
+            if not self.implicit_tls:
+                transport.write(refusal.serialize())
+            self._closed = True
+            transport.close()
+            return
+        self.server.add(self, self._client_ip)
+        self.log.info(
+            f"connect from unknown[{self._client_ip}]",
+            port=self._client_port,
+            listener=f"{local[0]}:{local[1]}",
+            implicit_tls=self.implicit_tls,
+        )
+        self.session = InboundSession(
+            self.server.settings_for(self._client_ip),
+            (self._client_ip, self._client_port),
+            (local[0], local[1]),
+            implicit_tls=self.implicit_tls,
+        )
+        if self.implicit_tls:
+            self._start_tls()
+        self._backend_task = asyncio.get_running_loop().create_task(self._connect_backend())
+        self._touch()
+        self.update_reading()
+
+    def data_received(self, data: bytes) -> None:
+        if self.session is None or self._closed:
+            return
+        self._touch()
+        if self.engine is None:
+            self._execute(self.session.client_data(data))
+            return
+        was_done = self.engine.handshake_done
+        try:
+            plaintext = self.engine.receive(data)
+        except TlsHandshakeError as exc:
+            self._flush_tls()
+            self._handshake_failed(exc.failure_type, exc.reason)
+            return
+        self._flush_tls()
+        if not was_done and self.engine.handshake_done:
+            self._handshake_done()
+        if plaintext and not self._closed:
+            self._execute(self.session.client_data(plaintext))
+        if self.engine is not None and self.engine.peer_closed and not self._closed:
+            self._execute(self.session.client_closed())
+            self._close_client()
+
+    def eof_received(self) -> bool:
+        if self.session is not None:
+            self._execute(self.session.client_closed())
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.session is None or self.transport is None:
+            return
+        if not self.session.closed:
+            self._execute(self.session.client_closed())
+        self._closed = True
+        for timer in (self._idle_timer, self._backend_timer, self._handshake_timer):
+            if timer is not None:
+                timer.cancel()
+        if self._backend_task is not None and not self._backend_task.done():
+            self._backend_task.cancel()
+        if self.backend is not None:
+            self.backend.close()
+        self.server.remove(self, self._client_ip)
+        duration = time.monotonic() - self._started
+        tls = self.session.tls_active
+        self.log.info(
+            f"disconnect from unknown[{self._client_ip}]",
+            tls=tls,
+            messages=self.session.messages,
+            bytes=self.session.message_bytes,
+            errors=self.session.errors,
+            duration=round(duration, 3),
+        )
+        self.server.bus.publish(
+            SessionEnded(
+                Direction.INBOUND,
+                "unknown",
+                self._client_ip,
+                tls,
+                self.session.messages,
+                self.session.message_bytes,
+                duration,
+            )
+        )
+
+    def shutdown(self) -> None:
+        """Drain deadline passed: tell the client to come back later, and close."""
+        if self.session is not None and not self._closed:
+            hostname = self.server.config.hostname
+            self._write_client(Reply.of(421, "4.3.2", f"{hostname} Service shutting down").serialize())
+            self._execute(self.session.client_closed())
+            self._close_client()
+
+    # ----------------------------------------------------------------- backend socket
+
+    async def _connect_backend(self) -> None:
+        assert self.session is not None
+        address = self.server.config.backend
+        loop = asyncio.get_running_loop()
+        try:
+            await asyncio.wait_for(
+                loop.create_connection(lambda: _BackendProtocol(self), address.host, address.port),
+                self.server.config.backend_connect_timeout,
+            )
+        except (OSError, asyncio.TimeoutError) as exc:
+            self.log.warning("backend unreachable", backend=str(address), error=str(exc) or type(exc).__name__)
+            self._execute(self.session.backend_failed())
+
+    def on_backend_connected(self, transport: asyncio.Transport) -> None:
+        if self._closed or self.session is None:
+            transport.close()
+            return
+        self.backend = transport
+        self._execute(self.session.backend_connected())
+
+    def on_backend_data(self, data: bytes) -> None:
+        if self.session is not None and not self._closed:
+            if self._backend_timer is not None:
+                self._backend_timer.cancel()
+                self._backend_timer = None
+            self._execute(self.session.backend_data(data))
+
+    def on_backend_closed(self) -> None:
+        if self.session is not None and not self._closed:
+            self._execute(self.session.backend_closed())
+
+    # ----------------------------------------------------------------- actions
+
+    def _execute(self, actions: list[Action]) -> None:
+        assert self.session is not None
+        for action in actions:
+            if isinstance(action, SendClient):
+                self._write_client(action.data)
+            elif isinstance(action, SendBackend):
+                if self.backend is not None and not self.backend.is_closing():
+                    self.backend.write(action.data)
+            elif isinstance(action, StartTls):
+                self._start_tls()
+            elif isinstance(action, CloseBackend):
+                if self.backend is not None:
+                    self.backend.abort()
+            elif isinstance(action, CloseClient):
+                self._close_client()
+            elif isinstance(action, MessageFinished):
+                self.log.info("message relayed", result=action.result, size=action.size)
+                self.server.bus.publish(
+                    MessageRelayed(Direction.INBOUND, action.result, action.size, action.duration)
+                )
+            elif isinstance(action, Discarded):
+                self.log.warning("discarded plaintext pipelined after STARTTLS", bytes=action.size)
+        self._arm_backend_timer()
+        self.update_reading()
+
+    def _write_client(self, data: bytes) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        if self.engine is not None and self.engine.handshake_done:
+            self.engine.send(data)
+            self._flush_tls()
+        else:
+            self.transport.write(data)
+
+    def _flush_tls(self) -> None:
+        if self.engine is not None and self.transport is not None and not self.transport.is_closing():
+            out = self.engine.outgoing()
+            if out:
+                self.transport.write(out)
+
+    def _close_client(self) -> None:
+        if self._closed or self.transport is None:
+            return
+        self._closed = True
+        if self.engine is not None and self.engine.handshake_done:
+            self.engine.close()
+            self._flush_tls()
+        self.transport.close()
+
+    def update_reading(self) -> None:
+        if self.transport is None or self.session is None or self._closed:
+            return
+        pause = self.session.input_blocked or self.backend_congested
+        if pause and not self._reading_paused:
+            self.transport.pause_reading()
+            self._reading_paused = True
+        elif not pause and self._reading_paused:
+            self.transport.resume_reading()
+            self._reading_paused = False
+
+    # ----------------------------------------------------------------- TLS
+
+    def _start_tls(self) -> None:
+        server_tls = self.server.server_tls
+        assert server_tls is not None
+        self.engine = server_tls.new_engine()
+        self._handshake_started = time.monotonic()
+        self._handshake_timer = asyncio.get_running_loop().call_later(
+            self.server.config.handshake_timeout, self._handshake_timed_out
+        )
+
+    def _handshake_done(self) -> None:
+        assert self.engine is not None and self.session is not None
+        server_tls = self.server.server_tls
+        assert server_tls is not None
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+        trust, certificate, refusal = server_tls.evaluate_client(self.engine)
+        facts = build_facts(
+            self.engine,
+            direction=Direction.INBOUND,
+            peer_name="unknown",
+            peer_addr=self._client_ip,
+            peer_port=self._client_port,
+            duration=time.monotonic() - self._handshake_started,
+            peer_trust=trust,
+            peer_certificate=certificate,
+            local_key_detail=server_tls.local_key_detail(self.engine),
+        )
+        self.server.bus.publish(facts)
+        clause = received_clause(facts, client_cert_requested=server_tls.client_certificate_requested)
+        if refusal is not None:
+            self.log.warning("client certificate refused", reason=refusal)
+        self._execute(self.session.tls_established((clause,), refusal))
+
+    def _handshake_failed(self, failure_type: str, reason: str) -> None:
+        self.log.warning(f"SSL_accept error from unknown[{self._client_ip}]: {reason}")
+        self.server.bus.publish(
+            HandshakeFacts(
+                direction=Direction.INBOUND,
+                peer_name="unknown",
+                peer_addr=self._client_ip,
+                peer_port=self._client_port,
+                duration=time.monotonic() - self._handshake_started,
+                failure_type=failure_type,
+                failure_reason=reason,
+            )
+        )
+        assert self.session is not None
+        self._execute(self.session.client_closed())
+        self._closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+    def _handshake_timed_out(self) -> None:
+        if self.engine is not None and not self.engine.handshake_done and not self._closed:
+            self._handshake_failed("validation-failure", "handshake_timeout")
+
+    # ----------------------------------------------------------------- timers
+
+    def _touch(self) -> None:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+        self._idle_timer = asyncio.get_running_loop().call_later(
+            self.server.config.idle_timeout, self._idle_timed_out
+        )
+
+    def _idle_timed_out(self) -> None:
+        if self.session is None or self._closed:
+            return
+        if self.session.awaiting_backend:
+            self._touch()  # the client waits for the backend; the backend timer covers that
+            return
+        self.log.info(f"timeout after idle from unknown[{self._client_ip}]")
+        self._execute(self.session.timed_out())
+
+    def _arm_backend_timer(self) -> None:
+        if self.session is None:
+            return
+        waiting = self.session.awaiting_backend and not self.session.closed
+        if waiting and self._backend_timer is None:
+            self._backend_timer = asyncio.get_running_loop().call_later(
+                self.server.config.backend_timeout, self._backend_timed_out
+            )
+        elif not waiting and self._backend_timer is not None:
+            self._backend_timer.cancel()
+            self._backend_timer = None
+
+    def _backend_timed_out(self) -> None:
+        self._backend_timer = None
+        if self.session is not None and not self._closed:
+            self.log.warning("backend timeout", backend=str(self.server.config.backend))
+            self._execute(self.session.backend_timed_out())

@@ -1,0 +1,1 @@
+"""Subscribers that turn published facts into logs, metrics and reports."""

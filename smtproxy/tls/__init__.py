@@ -1,0 +1,1 @@
+"""TLS: memory-BIO engine, server contexts, handshake facts and Postfix's wording."""

@@ -1,0 +1,89 @@
+"""Certificate files and facts: self-signed generation, fingerprints, key descriptions."""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import os
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from cryptography.x509.oid import NameOID
+
+from smtproxy.events import PeerCertificate
+
+_CURVES = {"secp256r1": "P-256", "secp384r1": "P-384", "secp521r1": "P-521"}
+
+
+def colon_hex(digest: bytes) -> str:
+    return ":".join(f"{b:02X}" for b in digest)
+
+
+def key_detail(public_key) -> tuple[str, str | None]:
+    """(key family, Postfix's detail): ("RSA", "2048 bits"), ("EC", "P-256"), ("ED25519", None)."""
+    if isinstance(public_key, rsa.RSAPublicKey):
+        return "RSA", f"{public_key.key_size} bits"
+    if isinstance(public_key, ec.EllipticCurvePublicKey):
+        return "EC", _CURVES.get(public_key.curve.name, public_key.curve.name)
+    if isinstance(public_key, ed25519.Ed25519PublicKey):
+        return "ED25519", None
+    if isinstance(public_key, ed448.Ed448PublicKey):
+        return "ED448", None
+    return type(public_key).__name__, None
+
+
+def _common_name(name: x509.Name) -> str | None:
+    values = name.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(values[0].value) if values else None
+
+
+def peer_certificate(der: bytes) -> PeerCertificate:
+    cert = x509.load_der_x509_certificate(der)
+    spki = cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return PeerCertificate(
+        subject_cn=_common_name(cert.subject),
+        issuer_cn=_common_name(cert.issuer),
+        sha256_fingerprint=colon_hex(hashlib.sha256(der).digest()),
+        pubkey_sha256_fingerprint=colon_hex(hashlib.sha256(spki).digest()),
+    )
+
+
+def chain_key_detail(cert_file: Path) -> tuple[str, str | None]:
+    cert = x509.load_pem_x509_certificate(Path(cert_file).read_bytes())
+    return key_detail(cert.public_key())
+
+
+def ensure_certificate(cert_cfg, hostname: str) -> bool:
+    """Generate a self-signed certificate when allowed and both files are missing."""
+    cert_file, key_file = Path(cert_cfg.cert_file), Path(cert_cfg.key_file)
+    if not cert_cfg.self_signed_if_missing or cert_file.exists() or key_file.exists():
+        return False
+    if "rsa" in cert_file.name.lower():
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    else:
+        key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=365))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(hostname)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file.parent.mkdir(parents=True, exist_ok=True)
+    key_file.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(
+            key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        )
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return True

@@ -1,0 +1,138 @@
+"""The few OpenSSL calls Python 3.11's `ssl` does not expose, via ctypes on the same libssl.
+
+Reaching the `SSL_CTX *` of an `ssl.SSLContext` relies on CPython's object layout
+(PyObject_HEAD, then the pointer).  Every pointer is validated before use: OpenSSL must
+report the same option bits for it as Python does for the context, and the library
+loaded here must be the very version Python's `_ssl` was built against.
+
+Verification verdicts: the verify callback installed here accepts every certificate (so a
+server can take self-signed client certificates whose fingerprint is listed) but records
+OpenSSL's own verdict for the handshake in progress.  Handshakes run synchronously inside
+`do_handshake()` on the event-loop thread, so the engine marks itself as the current
+handshake around that call (`recording`), and the callback attributes verdicts to it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import dataclasses
+import ssl
+from collections.abc import Iterator
+
+_SSL_CTRL_SET_SESS_CACHE_SIZE = 42
+_SSL_CTRL_SET_SESS_CACHE_MODE = 44
+_SSL_CTRL_SET_GROUPS_LIST = 92
+_SSL_CTRL_SET_DH_AUTO = 118
+_SSL_SESS_CACHE_OFF = 0
+
+_VERIFY_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_void_p)
+
+
+def _load() -> ctypes.CDLL:
+    name = ctypes.util.find_library("ssl") or "libssl.so.3"
+    lib = ctypes.CDLL(name)
+    lib.OpenSSL_version_num.restype = ctypes.c_ulong
+    if lib.OpenSSL_version_num() != ssl.OPENSSL_VERSION_NUMBER:
+        raise RuntimeError(f"{name} is not the OpenSSL the ssl module uses ({ssl.OPENSSL_VERSION})")
+    lib.SSL_CTX_get_options.restype = ctypes.c_uint64
+    lib.SSL_CTX_get_options.argtypes = [ctypes.c_void_p]
+    lib.SSL_CTX_ctrl.restype = ctypes.c_long
+    lib.SSL_CTX_ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
+    lib.SSL_CTX_set_timeout.restype = ctypes.c_long
+    lib.SSL_CTX_set_timeout.argtypes = [ctypes.c_void_p, ctypes.c_long]
+    lib.SSL_CTX_set_verify.restype = None
+    lib.SSL_CTX_set_verify.argtypes = [ctypes.c_void_p, ctypes.c_int, _VERIFY_CALLBACK]
+    lib.X509_STORE_CTX_get_error.restype = ctypes.c_int
+    lib.X509_STORE_CTX_get_error.argtypes = [ctypes.c_void_p]
+    lib.X509_STORE_CTX_get_error_depth.restype = ctypes.c_int
+    lib.X509_STORE_CTX_get_error_depth.argtypes = [ctypes.c_void_p]
+    lib.X509_verify_cert_error_string.restype = ctypes.c_char_p
+    lib.X509_verify_cert_error_string.argtypes = [ctypes.c_long]
+    return lib
+
+
+_lib = _load()
+
+
+def _ctx_pointer(context: ssl.SSLContext) -> int:
+    pointer = ctypes.c_void_p.from_address(id(context) + object.__basicsize__).value
+    if not pointer or _lib.SSL_CTX_get_options(pointer) != context.options:
+        raise RuntimeError("cannot locate the SSL_CTX of an ssl.SSLContext on this Python build")
+    return pointer
+
+
+def _check(result: int, what: str) -> None:
+    if result != 1:
+        raise ValueError(what)
+
+
+def set_groups(context: ssl.SSLContext, names: tuple[str, ...] | list[str]) -> None:
+    """Key-exchange groups in preference order (SSL_CTX_set1_groups_list)."""
+    joined = ":".join(names).encode("ascii")
+    _check(
+        _lib.SSL_CTX_ctrl(_ctx_pointer(context), _SSL_CTRL_SET_GROUPS_LIST, 0, ctypes.c_char_p(joined)),
+        f"OpenSSL rejected the group list {':'.join(names)}",
+    )
+
+
+def set_dh_auto(context: ssl.SSLContext) -> None:
+    """Let OpenSSL pick its built-in RFC 7919 group matching the certificate's strength."""
+    _check(_lib.SSL_CTX_ctrl(_ctx_pointer(context), _SSL_CTRL_SET_DH_AUTO, 1, None), "SSL_CTX_set_dh_auto failed")
+
+
+def set_session_cache(context: ssl.SSLContext, size: int, timeout: int) -> None:
+    """Server session cache size (0 turns the cache off) and session lifetime in seconds."""
+    pointer = _ctx_pointer(context)
+    if size == 0:
+        _lib.SSL_CTX_ctrl(pointer, _SSL_CTRL_SET_SESS_CACHE_MODE, _SSL_SESS_CACHE_OFF, None)
+    else:
+        _lib.SSL_CTX_ctrl(pointer, _SSL_CTRL_SET_SESS_CACHE_SIZE, size, None)
+    _lib.SSL_CTX_set_timeout(pointer, timeout)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class VerifyVerdict:
+    depth: int
+    code: int
+    message: str
+
+
+class VerifyRecorder:
+    """Where the verify callback puts OpenSSL's verdicts for the handshake in progress."""
+
+    def __init__(self) -> None:
+        self.verdicts: list[VerifyVerdict] = []
+
+    @property
+    def verified(self) -> bool:
+        return not self.verdicts
+
+
+_current: VerifyRecorder | None = None
+
+
+@contextlib.contextmanager
+def recording(recorder: VerifyRecorder) -> Iterator[None]:
+    global _current
+    previous, _current = _current, recorder
+    try:
+        yield
+    finally:
+        _current = previous
+
+
+@_VERIFY_CALLBACK
+def _accept_and_record(preverify_ok: int, store_ctx: int) -> int:
+    if not preverify_ok and _current is not None:
+        code = _lib.X509_STORE_CTX_get_error(store_ctx)
+        message = (_lib.X509_verify_cert_error_string(code) or b"").decode("ascii", "replace")
+        _current.verdicts.append(VerifyVerdict(_lib.X509_STORE_CTX_get_error_depth(store_ctx), code, message))
+    return 1
+
+
+def accept_and_record_verification(context: ssl.SSLContext) -> None:
+    """Keep `context.verify_mode`, but accept every chain and record OpenSSL's verdict."""
+    mode = {ssl.CERT_NONE: 0, ssl.CERT_OPTIONAL: 1, ssl.CERT_REQUIRED: 3}[context.verify_mode]
+    _lib.SSL_CTX_set_verify(_ctx_pointer(context), mode, _accept_and_record)

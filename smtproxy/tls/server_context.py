@@ -1,0 +1,103 @@
+"""Server-side TLS: one SSLContext per set of server names, chosen by SNI.
+
+Each context holds every chain for its names (RSA and ECDSA side by side: OpenSSL keeps
+one certificate per key type and picks by what the client supports).
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Callable
+
+from smtproxy.events import PeerCertificate, PeerTrust
+from smtproxy.tls import openssl_ext
+from smtproxy.tls.certificates import chain_key_detail, peer_certificate
+from smtproxy.tls.engine import TlsEngine, trace_handshakes
+
+_VERSIONS = {
+    "TLSv1": ssl.TLSVersion.TLSv1,
+    "TLSv1.1": ssl.TLSVersion.TLSv1_1,
+    "TLSv1.2": ssl.TLSVersion.TLSv1_2,
+    "TLSv1.3": ssl.TLSVersion.TLSv1_3,
+}
+
+
+class ServerTls:
+    def __init__(self, tls_cfg, certificates) -> None:
+        self.config = tls_cfg
+        by_names: dict[tuple[str, ...], list] = {}
+        for chain in certificates:
+            by_names.setdefault(tuple(chain.server_names), []).append(chain)
+        self._key_details: dict[int, dict[str, str | None]] = {}
+        contexts = {names: self._context(chains) for names, chains in by_names.items()}
+        default_names = () if () in contexts else next(iter(contexts))
+        self.default_context = contexts[default_names]
+        self._by_name: dict[str, ssl.SSLContext] = {
+            name: context for names, context in contexts.items() for name in names
+        }
+        if self._by_name:
+            self.default_context.sni_callback = self._select_by_sni
+
+    @property
+    def client_certificate_requested(self) -> bool:
+        return self.config.client_certificate != "none"
+
+    def _context(self, chains) -> ssl.SSLContext:
+        cfg = self.config
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = _VERSIONS[cfg.min_protocol]
+        context.maximum_version = _VERSIONS[cfg.max_protocol]
+        context.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_COMPRESSION
+        if not cfg.session_tickets:
+            context.options |= ssl.OP_NO_TICKET
+        if cfg.ciphers:
+            context.set_ciphers(cfg.ciphers)
+        details: dict[str, str | None] = {}
+        for chain in chains:
+            context.load_cert_chain(chain.cert_file, chain.key_file)
+            family, detail = chain_key_detail(chain.cert_file)
+            details[family] = detail
+        self._key_details[id(context)] = details
+        if cfg.groups:
+            openssl_ext.set_groups(context, cfg.groups)
+        if cfg.dh_param_file is not None:
+            context.load_dh_params(str(cfg.dh_param_file))
+        else:
+            openssl_ext.set_dh_auto(context)
+        openssl_ext.set_session_cache(context, cfg.session_cache_size, cfg.session_timeout)
+        if cfg.client_certificate != "none":
+            context.verify_mode = ssl.CERT_REQUIRED if cfg.client_certificate == "require" else ssl.CERT_OPTIONAL
+            if cfg.client_ca_file is not None:
+                context.load_verify_locations(cafile=str(cfg.client_ca_file))
+            openssl_ext.accept_and_record_verification(context)
+        trace_handshakes(context)
+        return context
+
+    def _select_by_sni(self, ssl_object, server_name: str | None, context: ssl.SSLContext) -> None:
+        if not server_name:
+            return
+        name = server_name.lower()
+        chosen = self._by_name.get(name)
+        if chosen is None and "." in name:
+            chosen = self._by_name.get("*." + name.split(".", 1)[1])
+        if chosen is not None and chosen is not ssl_object.context:
+            ssl_object.context = chosen
+
+    def new_engine(self) -> TlsEngine:
+        return TlsEngine(self.default_context, server_side=True)
+
+    def local_key_detail(self, engine: TlsEngine) -> Callable[[str], str | None]:
+        """Key family -> detail ("EC" -> "P-256") of the chains in the context SNI chose."""
+        return self._key_details.get(id(engine.ssl_object.context), {}).get
+
+    def evaluate_client(self, engine: TlsEngine) -> tuple[PeerTrust, PeerCertificate | None, str | None]:
+        """(trust word, certificate facts, refusal reason or None) for the client."""
+        der = engine.ssl_object.getpeercert(binary_form=True)
+        required = self.config.client_certificate == "require"
+        if not der:
+            return PeerTrust.ANONYMOUS, None, "client certificate required" if required else None
+        certificate = peer_certificate(der)
+        ca_verified = self.config.client_ca_file is not None and engine.verification.verified
+        if ca_verified or certificate.sha256_fingerprint in self.config.client_fingerprints:
+            return PeerTrust.TRUSTED, certificate, None
+        return PeerTrust.UNTRUSTED, certificate, "client certificate not trusted" if required else None

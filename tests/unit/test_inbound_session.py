@@ -1,0 +1,300 @@
+"""The inbound session without sockets: each DESIGN.md invariant as a dialogue."""
+
+from __future__ import annotations
+
+import pytest
+
+from smtproxy.inbound.session import (
+    CloseBackend,
+    CloseClient,
+    Discarded,
+    InboundSession,
+    InboundSettings,
+    MessageFinished,
+    SendBackend,
+    SendClient,
+    StartTls,
+)
+
+CLIENT = ("192.0.2.7", 40000)
+LISTENER = ("192.0.2.1", 25)
+BACKEND_EHLO = (
+    b"250-backend.example\r\n250-PIPELINING\r\n250-SIZE 52428800\r\n250-STARTTLS\r\n"
+    b"250-XCLIENT NAME ADDR\r\n250-XFORWARD NAME\r\n250-AUTH PLAIN LOGIN\r\n250-X-SECRET\r\n"
+    b"250-ENHANCEDSTATUSCODES\r\n250-8BITMIME\r\n250-CHUNKING\r\n250 SMTPUTF8\r\n"
+)
+
+
+def settings(**overrides) -> InboundSettings:
+    values = dict(
+        hostname="mx.example.com",
+        security_level="may",
+        tls_available=True,
+        client_identity="none",
+    )
+    values.update(overrides)
+    return InboundSettings(**values)
+
+
+def to_client(actions) -> bytes:
+    return b"".join(a.data for a in actions if isinstance(a, SendClient))
+
+
+def to_backend(actions) -> bytes:
+    return b"".join(a.data for a in actions if isinstance(a, SendBackend))
+
+
+def greeted(**overrides) -> InboundSession:
+    session = InboundSession(settings(**overrides), CLIENT, LISTENER)
+    session.backend_connected()
+    assert to_client(session.backend_data(b"220 backend.example ESMTP\r\n")) == b"220 backend.example ESMTP\r\n"
+    return session
+
+
+def ehloed(**overrides) -> InboundSession:
+    session = greeted(**overrides)
+    assert to_backend(session.client_data(b"EHLO client.example\r\n")) == b"EHLO client.example\r\n"
+    session.backend_data(BACKEND_EHLO)
+    return session
+
+
+def test_ehlo_reply_offers_starttls_and_hides_what_the_proxy_must_not_relay():
+    session = greeted()
+    session.client_data(b"EHLO client.example\r\n")
+    reply = to_client(session.backend_data(BACKEND_EHLO)).decode()
+    lines = reply.split("\r\n")
+    assert lines[0] == "250-backend.example"
+    keywords = [line[4:].split(" ")[0] for line in lines[1:] if line]
+    assert "STARTTLS" in keywords and keywords.count("STARTTLS") == 1
+    for hidden in ("XCLIENT", "XFORWARD", "AUTH", "X-SECRET"):
+        assert hidden not in keywords
+    for kept in ("PIPELINING", "ENHANCEDSTATUSCODES", "8BITMIME", "SMTPUTF8", "CHUNKING"):
+        assert kept in keywords
+    assert "250-SIZE 10240000" in reply  # our limit is smaller than the backend's
+
+
+def test_no_starttls_offered_at_level_none():
+    session = greeted(security_level="none")
+    session.client_data(b"EHLO c\r\n")
+    assert b"STARTTLS" not in to_client(session.backend_data(BACKEND_EHLO))
+    assert to_client(session.client_data(b"STARTTLS\r\n")).startswith(b"502 5.5.1")
+
+
+@pytest.mark.parametrize("injected", [b"RSET\r\n", b"MAIL FROM:<evil@example.net>\r\n"])
+def test_plaintext_pipelined_after_starttls_is_discarded(injected):
+    session = ehloed()
+    actions = session.client_data(b"STARTTLS\r\n" + injected)
+    assert to_backend(actions) == b""
+    assert to_client(actions) == b"220 2.0.0 Ready to start TLS\r\n"
+    assert Discarded(len(injected)) in actions
+    assert isinstance(actions[-1], StartTls)
+    # Inside TLS: nothing learned before survives; EHLO is required again.
+    actions = session.tls_established(("(using TLSv1.3)",))
+    assert to_backend(actions) == b""
+    actions = session.client_data(b"MAIL FROM:<a@example.org>\r\n")
+    assert to_client(actions).startswith(b"503 5.5.1")
+    assert to_backend(actions) == b""
+
+
+def test_starttls_waits_for_pipelined_replies_before_answering():
+    session = ehloed()
+    actions = session.client_data(b"NOOP\r\nSTARTTLS\r\n")
+    assert to_backend(actions) == b"NOOP\r\n"
+    assert to_client(actions) == b""
+    actions = session.backend_data(b"250 2.0.0 Ok\r\n")
+    assert to_client(actions) == b"250 2.0.0 Ok\r\n220 2.0.0 Ready to start TLS\r\n"
+
+
+def test_after_tls_ehlo_shows_auth_and_no_starttls():
+    session = ehloed()
+    session.client_data(b"STARTTLS\r\n")
+    session.tls_established(("(using TLSv1.3)",))
+    session.client_data(b"EHLO client.example\r\n")
+    reply = to_client(session.backend_data(BACKEND_EHLO))
+    assert b"AUTH PLAIN LOGIN" in reply
+    assert b"STARTTLS" not in reply
+
+
+def test_encrypt_refuses_mail_before_tls():
+    session = ehloed(security_level="encrypt")
+    actions = session.client_data(b"MAIL FROM:<a@example.org>\r\n")
+    assert to_client(actions).startswith(b"530 5.7.0")
+    assert to_backend(actions) == b""
+
+
+def _deliver(session: InboundSession, body: bytes) -> tuple[bytes, list]:
+    """MAIL/RCPT/DATA/body through an EHLO'd session; returns backend bytes and actions."""
+    sent = to_backend(session.client_data(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.test>\r\nDATA\r\n"))
+    assert sent == b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.test>\r\nDATA\r\n"
+    actions = session.backend_data(b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 End data with <CR><LF>.<CR><LF>\r\n")
+    actions += session.client_data(body)
+    return to_backend(actions), actions
+
+
+def test_data_gets_trace_header_and_relays_final_reply():
+    session = ehloed(client_identity="received-header")
+    sent, actions = _deliver(session, b"Subject: hi\r\n\r\nbody\r\n.\r\n")
+    assert sent.startswith(b"Received: from client.example (unknown [192.0.2.7])\r\n")
+    assert sent.endswith(b"Subject: hi\r\n\r\nbody\r\n.\r\n")
+    assert not any(isinstance(a, MessageFinished) for a in actions)
+    actions = session.backend_data(b"250 2.0.0 Ok: queued as ABC\r\n")
+    assert to_client(actions) == b"250 2.0.0 Ok: queued as ABC\r\n"
+    finished = [a for a in actions if isinstance(a, MessageFinished)]
+    assert finished and finished[0].result == "accepted"
+    assert session.messages == 1
+
+
+def test_tls_facts_go_into_the_trace_header():
+    session = ehloed()
+    session.client_data(b"STARTTLS\r\n")
+    session.tls_established(("(using TLSv1.3 with cipher TLS_AES_256_GCM_SHA384 (256/256 bits))",))
+    session.client_data(b"EHLO client.example\r\n")
+    session.backend_data(BACKEND_EHLO)
+    sent, _ = _deliver(session, b"x\r\n.\r\n")
+    header = sent.split(b"\r\nx\r\n")[0].decode()
+    assert "(using TLSv1.3 with cipher TLS_AES_256_GCM_SHA384 (256/256 bits))" in header
+    assert "with ESMTPS;" in header
+
+
+def test_bare_lf_in_data_never_reaches_the_backend_as_a_message():
+    session = ehloed()
+    sent, actions = _deliver(session, b"Subject: x\r\n\r\nsmuggled\n.\nMAIL FROM:<x@y>\r\n.\r\n")
+    assert b"smuggled" not in sent and b".\r\n" not in sent.split(b"DATA\r\n")[-1]
+    assert CloseBackend() in actions
+    assert to_client(actions).endswith(b"521 5.5.2 Error: bare <LF> received\r\n")
+    assert isinstance(actions[-1], CloseClient)
+
+
+def test_bare_lf_normalized_is_dot_stuffed_so_end_of_data_agrees():
+    session = ehloed(bare_newline="normalize")
+    sent, actions = _deliver(session, b"a\n.\nb\r\n.\r\n")
+    assert sent.endswith(b"a\r\n..\r\nb\r\n.\r\n")
+    assert CloseBackend() not in actions
+
+
+def test_backend_dies_mid_data_gives_4xx_never_250():
+    session = ehloed()
+    _, _ = _deliver(session, b"Subject: partial\r\n")
+    actions = session.backend_closed()
+    reply = to_client(actions)
+    assert reply.startswith(b"421 4.4.2")
+    assert b"250" not in reply
+    assert isinstance(actions[-1], CloseClient) or CloseClient() in actions
+
+
+def test_client_vanishes_mid_data_closes_backend_without_final_dot():
+    session = ehloed()
+    sent, _ = _deliver(session, b"Subject: partial\r\n")
+    actions = session.client_closed()
+    assert CloseBackend() in actions
+    assert b".\r\n" not in to_backend(actions)
+    assert not sent.endswith(b"\r\n.\r\n")
+
+
+def test_pipelined_replies_keep_command_order_with_local_refusals():
+    session = ehloed()
+    actions = session.client_data(b"MAIL FROM:<a@example.org>\r\nXCLIENT ADDR=1.2.3.4\r\nRCPT TO:<b@example.test>\r\n")
+    assert to_backend(actions) == b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.test>\r\n"
+    assert to_client(actions) == b""  # the local 550 waits for MAIL's reply
+    actions = session.backend_data(b"250 2.1.0 Ok\r\n")
+    assert to_client(actions) == b"250 2.1.0 Ok\r\n550 5.7.0 Error: insufficient authorization\r\n"
+    assert to_client(session.backend_data(b"250 2.1.5 Ok\r\n")) == b"250 2.1.5 Ok\r\n"
+
+
+def test_over_long_command_line_gets_500_and_the_session_continues():
+    session = ehloed()
+    actions = session.client_data(b"NOOP " + b"x" * 5000 + b"\r\nNOOP\r\n")
+    assert to_client(actions) == b"500 5.5.2 Error: line too long\r\n"
+    assert to_backend(actions) == b"NOOP\r\n"
+
+
+def test_too_many_errors_disconnects():
+    session = ehloed(max_errors=3)
+    actions = session.client_data(b"XFORWARD a\r\n" * 3)
+    assert to_client(actions).endswith(b"421 4.7.0 mx.example.com Error: too many errors\r\n")
+    assert CloseClient() in actions
+
+
+def test_http_on_the_smtp_port_is_dropped():
+    session = greeted()
+    actions = session.client_data(b"GET / HTTP/1.1\r\n")
+    assert to_client(actions).startswith(b"221 2.7.0")
+    assert CloseClient() in actions
+
+
+def test_backend_unreachable_or_refusing_gives_421_4_3_0():
+    session = InboundSession(settings(), CLIENT, LISTENER)
+    actions = session.backend_failed()
+    assert to_client(actions).startswith(b"421 4.3.0")
+    session = InboundSession(settings(), CLIENT, LISTENER)
+    session.backend_connected()
+    actions = session.backend_data(b"421 4.3.2 busy\r\n")
+    assert to_client(actions).startswith(b"421 4.3.0")
+    assert CloseClient() in actions
+
+
+@pytest.mark.parametrize("identity, prefix", [
+    ("proxy-v1", b"PROXY TCP4 192.0.2.7 192.0.2.1 40000 25\r\n"),
+    ("proxy-v2", b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\x00\x0c"),
+])
+def test_proxy_protocol_header_goes_first(identity, prefix):
+    session = InboundSession(settings(client_identity=identity), CLIENT, LISTENER)
+    assert to_backend(session.backend_connected()).startswith(prefix)
+
+
+def test_xclient_is_sent_when_the_backend_offers_it_and_its_greeting_relayed():
+    session = InboundSession(settings(client_identity="xclient"), CLIENT, LISTENER)
+    session.backend_connected()
+    actions = session.backend_data(b"220 backend ESMTP\r\n")
+    assert to_backend(actions) == b"EHLO mx.example.com\r\n"
+    assert to_client(actions) == b""
+    actions = session.backend_data(b"250-backend\r\n250 XCLIENT NAME ADDR PORT HELO\r\n")
+    assert to_backend(actions) == b"XCLIENT NAME=[UNAVAILABLE] ADDR=192.0.2.7 PORT=40000\r\n"
+    actions = session.backend_data(b"220 backend ESMTP again\r\n")
+    assert to_client(actions) == b"220 backend ESMTP again\r\n"
+
+
+def test_bdat_is_framed_by_count_and_carries_the_trace_header():
+    session = ehloed(client_identity="received-header")
+    session.client_data(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.test>\r\n")
+    session.backend_data(b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n")
+    actions = session.client_data(b"BDAT 7 LAST\r\nhi\n.\r\nQUIT\r\n")
+    sent = to_backend(actions)
+    first_line, rest = sent.split(b"\r\n", 1)
+    header_len = rest.index(b"hi\n.\r\n")
+    assert first_line == f"BDAT {7 + header_len} LAST".encode()
+    assert rest.endswith(b"hi\n.\r\nQUIT\r\n")
+    actions = session.backend_data(b"250 2.0.0 Ok\r\n221 2.0.0 Bye\r\n")
+    assert to_client(actions) == b"250 2.0.0 Ok\r\n221 2.0.0 Bye\r\n"
+    assert [a.result for a in actions if isinstance(a, MessageFinished)] == ["accepted"]
+
+
+@pytest.mark.parametrize("read_size", [1, 16, 128, 4096])
+def test_same_backend_stream_at_every_read_size(read_size):
+    stream = (
+        b"EHLO client.example\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.test>\r\nDATA\r\n"
+    )
+    body = b"Subject: seg\r\n\r\n..leading dot\r\nline\r\n.\r\nQUIT\r\n"
+    session = greeted()
+    sent = b""
+    for i in range(0, len(stream), read_size):
+        sent += to_backend(session.client_data(stream[i : i + read_size]))
+    assert sent == stream
+    session.backend_data(BACKEND_EHLO + b"250 ok\r\n250 ok\r\n354 go\r\n")
+    for i in range(0, len(body), read_size):
+        sent += to_backend(session.client_data(body[i : i + read_size]))
+    assert sent == stream + body
+
+
+def test_bdat_refused_locally_swallows_its_chunk_and_leaves_no_phantom_pending():
+    session = greeted()
+    session.client_data(b"EHLO c\r\n")
+    session.backend_data(b"250-backend\r\n250 PIPELINING\r\n")  # no CHUNKING
+    session.client_data(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.test>\r\n")
+    session.backend_data(b"250 ok\r\n250 ok\r\n")
+    actions = session.client_data(b"BDAT 6 LAST\r\nDATA\r\n")
+    assert to_client(actions) == b"502 5.5.1 Error: command not implemented\r\n"
+    assert to_backend(actions) == b""  # the six bytes "DATA\r\n" were the chunk, not a command
+    actions = session.client_data(b"DATA\r\n")
+    assert to_backend(actions) == b"DATA\r\n"
+    assert to_client(session.backend_data(b"354 go\r\n")) == b"354 go\r\n"
