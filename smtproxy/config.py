@@ -420,7 +420,7 @@ class Networks(Kind):
             if not (isinstance(level, str) and level in self.levels):
                 raise ConfigError(sub, level, ", ".join(self.levels))
             result.append((network, level))
-        result.sort(key=lambda item: (item[0].prefixlen, item[0].version, int(item[0].network_address)))
+        result.sort(key=lambda item: (-item[0].prefixlen, item[0].version, int(item[0].network_address)))
         return tuple(result)
 
     def dump(self, value):
