@@ -17,11 +17,21 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--config", required=True, help="TOML configuration file")
     check = commands.add_parser("check", help="validate the configuration and print it with defaults")
     check.add_argument("--config", required=True, help="TOML configuration file")
+    policy = commands.add_parser(
+        "policy", help="print the TLS policy of a destination, or convert s/qmail tlsdestinations",
+        usage=f"%(prog)s {POLICY_USAGE}")
+    policy.add_argument("--config", help="TOML configuration file")
+    policy.add_argument("words", nargs="+", metavar="NEXTHOP | import-qmail FILE")
     return parser
+
+
+POLICY_USAGE = "--config FILE NEXTHOP (example.com, [mx.example.net]:25) | import-qmail TLSDESTINATIONS"
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "policy":
+        return _policy(args)
     try:
         config = load_config(args.config)
     except ConfigError as exc:
@@ -33,3 +43,37 @@ def main(argv: list[str] | None = None) -> int:
     from smtproxy import app  # imported late: `check` must not need uvloop or the TLS layer
 
     return app.run(config)
+
+
+def _policy(args: argparse.Namespace) -> int:
+    """`policy --config F NEXTHOP` and `policy import-qmail FILE`; neither needs uvloop or TLS."""
+    from smtproxy.policy.qmail import load_tlsdestinations, to_postfix_lines
+    from smtproxy.policy.table import Policies, PolicyTableError, describe_decision
+
+    if args.words[0] == "import-qmail":
+        usage_ok = len(args.words) == 2 and not args.config
+    else:
+        usage_ok = len(args.words) == 1 and bool(args.config)
+    if not usage_ok:
+        print(f"smtproxy policy: usage: smtproxy policy {POLICY_USAGE}", file=sys.stderr)
+        return 2
+    if args.words[0] == "import-qmail":
+        try:
+            lines = to_postfix_lines(load_tlsdestinations(args.words[1]))
+        except PolicyTableError as exc:
+            print(f"smtproxy: {exc}", file=sys.stderr)
+            return 2
+        print("\n".join(lines))
+        return 0
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"smtproxy: {args.config}: {exc}", file=sys.stderr)
+        return 2
+    try:
+        decision = Policies.from_config(config.outbound).decide(args.words[0])
+    except (PolicyTableError, ValueError) as exc:  # ValueError: not a nexthop
+        print(f"smtproxy: {exc}", file=sys.stderr)
+        return 2
+    print("\n".join([f"nexthop: {args.words[0]}", *describe_decision(decision, config.outbound)]))
+    return 0

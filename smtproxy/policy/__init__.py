@@ -1,0 +1,1 @@
+"""Per-destination TLS policy: levels, the Postfix policy table, s/qmail tlsdestinations."""

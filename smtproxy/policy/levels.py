@@ -1,0 +1,80 @@
+"""Postfix's TLS security levels as a small table, and the `Policy` one destination gets.
+
+A `Policy` is frozen and hashable: connections and TLS sessions are cached under it, so a
+cached connection is only ever reused for a destination with an identical policy
+(DESIGN.md invariant 5).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from pathlib import Path
+
+
+class Level(enum.StrEnum):
+    NONE = "none"
+    MAY = "may"
+    ENCRYPT = "encrypt"
+    FINGERPRINT = "fingerprint"
+    VERIFY = "verify"
+    SECURE = "secure"
+    DANE = "dane"
+    DANE_ONLY = "dane-only"
+
+    @property
+    def tls_wanted(self) -> bool:
+        """STARTTLS is attempted when the server offers it."""
+        return self is not Level.NONE
+
+    @property
+    def tls_required(self) -> bool:
+        """No plaintext delivery: STARTTLS missing or failing is a temporary failure."""
+        return self not in (Level.NONE, Level.MAY, Level.DANE)
+
+    @property
+    def authenticates(self) -> bool:
+        """The server's certificate must match (name or fingerprint) or delivery fails."""
+        return self in (Level.FINGERPRINT, Level.VERIFY, Level.SECURE, Level.DANE_ONLY)
+
+
+# Postfix's default match strategies (smtp_tls_verify_cert_match, smtp_tls_secure_cert_match)
+DEFAULT_MATCH = {Level.VERIFY: ("hostname",), Level.SECURE: ("nexthop", "dot-nexthop")}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Policy:
+    """The effective TLS policy for one destination.
+
+    `match`: for verify/secure the name strategies and names, lower-case, in Postfix's
+    vocabulary (``hostname``, ``nexthop``, ``dot-nexthop``, ``example.com``,
+    ``.example.com``); for fingerprint the digests as upper-case colon-separated hex.
+    `min_protocol`/`max_protocol`: None means `[outbound.tls]`'s range.  `ciphers`: a
+    Postfix cipher grade (``high``, ``medium``, ``low``, ``export``, ``null``) or None
+    for the configured list.  `exclude`: OpenSSL cipher names or families to drop.
+    `servername`: SNI; ``hostname`` (the MX host name, default), ``nexthop`` or a literal
+    name.  `ca_file`/`verify_depth`: s/qmail's per-destination trust.
+    """
+
+    level: Level
+    match: tuple[str, ...] = ()
+    min_protocol: str | None = None
+    max_protocol: str | None = None
+    ciphers: str | None = None
+    exclude: tuple[str, ...] = ()
+    servername: str = "hostname"
+    connection_reuse: bool = True
+    ca_file: Path | None = None
+    verify_depth: int | None = None
+
+    @property
+    def match_or_default(self) -> tuple[str, ...]:
+        return self.match or DEFAULT_MATCH.get(self.level, ())
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PolicyDecision:
+    """A policy and where it came from, e.g. ``policy_file line 3 (.example.com)``."""
+
+    policy: Policy
+    source: str
