@@ -1,0 +1,1 @@
+"""Where outbound mail goes: the routes table (Postfix transport syntax) and MX lookups."""
