@@ -18,7 +18,7 @@ _HANDSHAKE = 22
 _READ_SIZE = 256 * 1024
 
 # OpenSSL verify codes -> RFC 8460 result types (everything else: validation-failure)
-_RESULT_TYPES = {
+RESULT_TYPES = {
     2: "certificate-not-trusted",  # unable to get issuer certificate
     10: "certificate-expired",
     18: "certificate-not-trusted",  # self-signed certificate
@@ -51,7 +51,7 @@ def failure_from(exc: ssl.SSLError) -> TlsHandshakeError:
     """Classify an OpenSSL error the way TLSRPT and Postfix's logs word it."""
     if isinstance(exc, ssl.SSLCertVerificationError):
         message = (exc.verify_message or "verification failed").replace(" ", "_")
-        return TlsHandshakeError(_RESULT_TYPES.get(exc.verify_code, "validation-failure"), message)
+        return TlsHandshakeError(RESULT_TYPES.get(exc.verify_code, "validation-failure"), message)
     reason = (exc.reason or type(exc).__name__).lower()
     return TlsHandshakeError("validation-failure", reason)
 

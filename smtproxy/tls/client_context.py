@@ -1,0 +1,200 @@
+"""Client-side TLS for outbound STARTTLS: one SSLContext per TLS-relevant policy.
+
+Like Postfix's SMTP client, a context never refuses a server certificate: OpenSSL's
+verdicts are recorded in `engine.verification` and `verify.evaluate_server` decides per
+level (an untrusted certificate is fine under `may`/`encrypt`, and logged Untrusted).
+Hostname checking stays off; the caller names the SNI per connection.
+
+Cipher grades are Postfix's (postconf -d, 3.7: tls_high_cipherlist ...
+tls_null_cipherlist); `exclude` and what the level rules out are appended as ``:!NAME``
+(`LEVEL_EXCLUSIONS`).  Like Postfix's lists, these govern TLS 1.2 and older only: TLS 1.3
+suites are OpenSSL's.
+
+Resumed handshakes verify no chain, so `engine.verification` would be empty, which reads
+as trusted.  Each context therefore remembers the verdicts of its last full handshake
+with each server certificate, and a resumed handshake gets the verdicts of its
+certificate (`ChainVerdicts`).  CPython refuses a session made from another SSLContext,
+so the verdicts come from the same trust store and depth limit.  As in OpenSSL's own
+session verify result, which Postfix relies on, a resumed session keeps that verdict.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import dataclasses
+import hashlib
+import ipaddress
+import ssl
+from pathlib import Path
+
+from smtproxy.config import OutboundTlsConfig
+from smtproxy.policy.levels import Level, Policy
+from smtproxy.tls import openssl_ext
+from smtproxy.tls.engine import TlsEngine, trace_handshakes
+from smtproxy.tls.openssl_ext import VerifyVerdict
+
+CIPHER_GRADES = {
+    "high": "aNULL:-aNULL:HIGH:@STRENGTH",
+    "medium": "aNULL:-aNULL:HIGH:MEDIUM:+RC4:@STRENGTH",
+    "low": "aNULL:-aNULL:HIGH:MEDIUM:LOW:+RC4:@STRENGTH",
+    "export": "aNULL:-aNULL:HIGH:MEDIUM:LOW:EXPORT:+RC4:@STRENGTH",
+    "null": "eNULL:!aNULL",
+}
+
+# Postfix smtp_tls_policy.c: encrypt needs encryption, authenticating levels a certificate
+LEVEL_EXCLUSIONS = {
+    Level.ENCRYPT: ("eNULL",),
+    Level.FINGERPRINT: ("aNULL",),
+    Level.VERIFY: ("aNULL",),
+    Level.SECURE: ("aNULL",),
+    Level.DANE_ONLY: ("aNULL",),
+}
+
+# Python's own TLS 1.2 list, the base when neither the policy nor the config names one
+_PYTHON_CIPHERS = ":".join(
+    cipher["name"]
+    for cipher in ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).get_ciphers()
+    if not cipher["name"].startswith("TLS_")
+)
+
+# X509_V_ERR_UNSPECIFIED: the verdict of a resumed session whose full handshake is forgotten
+UNKNOWN_RESUMED_CHAIN = VerifyVerdict(depth=0, code=1, message="resumed session of unknown trust")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _ContextSettings:
+    min_protocol: str
+    max_protocol: str
+    ciphers: str
+    ca_file: Path | None
+    verify_depth: int | None
+
+
+class ChainVerdicts:
+    """OpenSSL's verdicts on the last full handshake with each server certificate."""
+
+    def __init__(self, capacity: int = 4096) -> None:
+        self._capacity = capacity
+        self._by_certificate: collections.OrderedDict[bytes, tuple[VerifyVerdict, ...]] = collections.OrderedDict()
+
+    def remember(self, der: bytes, verdicts: list[VerifyVerdict]) -> None:
+        key = hashlib.sha256(der).digest()
+        self._by_certificate[key] = tuple(verdicts)
+        self._by_certificate.move_to_end(key)
+        if len(self._by_certificate) > self._capacity:
+            self._by_certificate.popitem(last=False)
+
+    def recall(self, der: bytes) -> tuple[VerifyVerdict, ...]:
+        """The remembered verdicts; a forgotten certificate counts as not verified."""
+        return self._by_certificate.get(hashlib.sha256(der).digest(), (UNKNOWN_RESUMED_CHAIN,))
+
+
+class _ClientEngine(TlsEngine):
+    """A client engine whose `verification` also holds for resumed handshakes."""
+
+    def __init__(
+        self,
+        context: ssl.SSLContext,
+        chain_verdicts: ChainVerdicts,
+        server_hostname: str | None,
+        session: ssl.SSLSession | None,
+    ) -> None:
+        super().__init__(context, server_side=False, server_hostname=server_hostname, session=session)
+        self._chain_verdicts = chain_verdicts
+
+    def handshake(self) -> bool:
+        if self.handshake_done:
+            return True
+        if not super().handshake():
+            return False
+        der = self.ssl_object.getpeercert(binary_form=True)
+        if der and self.ssl_object.session_reused:
+            self.verification.verdicts.extend(self._chain_verdicts.recall(der))
+        elif der:
+            self._chain_verdicts.remember(der, self.verification.verdicts)
+        return True
+
+
+def _sni(server_hostname: str | None) -> str | None:
+    """The SNI name: none for IP literals (RFC 6066 section 3); lower case, no trailing dot."""
+    if not server_hostname:
+        return None
+    try:
+        ipaddress.ip_address(server_hostname.strip("[]"))
+    except ValueError:
+        return server_hostname.rstrip(".").lower()
+    return None
+
+
+def _set_verify_depth(context: ssl.SSLContext, depth: int) -> None:
+    """SSL_CTX_set_verify_depth, which Python's ssl lacks.  TODO(lead): move to openssl_ext."""
+    function = openssl_ext._lib.SSL_CTX_set_verify_depth
+    function.argtypes, function.restype = [ctypes.c_void_p, ctypes.c_int], None
+    function(openssl_ext._ctx_pointer(context), depth)
+
+
+class ClientTls:
+    def __init__(self, tls_config: OutboundTlsConfig, ca_file: Path | None) -> None:
+        self.config = tls_config
+        self.ca_file = ca_file
+        self._contexts: dict[_ContextSettings, tuple[ssl.SSLContext, ChainVerdicts]] = {}
+
+    def _settings(self, policy: Policy) -> _ContextSettings:
+        if policy.ciphers is None:
+            base = self.config.ciphers or _PYTHON_CIPHERS
+        elif policy.ciphers in CIPHER_GRADES:
+            base = CIPHER_GRADES[policy.ciphers]
+        else:
+            raise ValueError(f"unknown cipher grade {policy.ciphers!r}; allowed: {', '.join(CIPHER_GRADES)}")
+        excluded = policy.exclude + LEVEL_EXCLUSIONS.get(policy.level, ())
+        return _ContextSettings(
+            min_protocol=policy.min_protocol or self.config.min_protocol,
+            max_protocol=policy.max_protocol or self.config.max_protocol,
+            ciphers=base + "".join(f":!{name}" for name in excluded),
+            ca_file=policy.ca_file or self.ca_file,
+            verify_depth=policy.verify_depth,
+        )
+
+    def _profile(self, policy: Policy) -> tuple[ssl.SSLContext, ChainVerdicts]:
+        settings = self._settings(policy)
+        if settings not in self._contexts:
+            self._contexts[settings] = self._new_context(settings), ChainVerdicts()
+        return self._contexts[settings]
+
+    def _new_context(self, settings: _ContextSettings) -> ssl.SSLContext:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False  # smtproxy matches names per level (verify.py)
+        context.minimum_version = ssl.TLSVersion[settings.min_protocol.replace(".", "_")]
+        context.maximum_version = ssl.TLSVersion[settings.max_protocol.replace(".", "_")]
+        context.options |= ssl.OP_NO_RENEGOTIATION
+        try:
+            context.set_ciphers(settings.ciphers)
+        except ssl.SSLError as exc:
+            raise ValueError(f"the cipher list {settings.ciphers!r} selects no cipher") from exc
+        if settings.ca_file is not None:
+            context.load_verify_locations(cafile=str(settings.ca_file))
+        else:
+            context.load_default_certs(ssl.Purpose.SERVER_AUTH)
+        if settings.verify_depth is not None:
+            # Postfix counts the trust anchor (smtp_tls_scert_verifydepth: "1 is sufficient
+            # if the issuing CA is listed in a local CA file"); OpenSSL counts intermediates.
+            _set_verify_depth(context, max(settings.verify_depth - 1, 0))
+        if self.config.client_cert_file is not None:
+            context.load_cert_chain(self.config.client_cert_file, self.config.client_key_file)
+        openssl_ext.accept_and_record_verification(context)
+        trace_handshakes(context)
+        return context
+
+    def context_for(self, policy: Policy) -> ssl.SSLContext:
+        return self._profile(policy)[0]
+
+    def new_engine(
+        self, policy: Policy, server_hostname: str | None, session: ssl.SSLSession | None = None
+    ) -> TlsEngine:
+        """A client engine; `server_hostname` is only the SNI (never checked by OpenSSL).
+
+        `session` must come from an engine of an identical policy (DESIGN.md invariant 5).
+        """
+        context, chain_verdicts = self._profile(policy)
+        return _ClientEngine(context, chain_verdicts, _sni(server_hostname), session)

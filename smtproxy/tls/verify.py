@@ -1,0 +1,137 @@
+"""The server certificate judged as Postfix's SMTP client judges it.
+
+Trust words (FORWARD_SECRECY_README, tls_client.c): Anonymous (no certificate),
+Untrusted (chain not trusted), Trusted (chain trusted; name not matched, or not checked
+at this level), Verified (chain trusted and a name matched under verify/secure, or a
+listed fingerprint matched under fingerprint, whatever the chain).
+
+A level that authenticates fails short of Verified, with the RFC 8460 result type and
+an OpenSSL-style reason.  The chain failure reported is the one closest to the leaf, the
+first found at that depth (Postfix tls_verify.c, update_error_state); it outranks a name
+mismatch, so an expired certificate is reported as expired.
+
+Names (postconf(5) smtp_tls_verify_cert_match, tls_client.c): DNS subjectAltNames, the
+subject CommonNames only when there is none; case-insensitive; ``*`` only as the whole
+left-most label, for exactly one label (RFC 6125 6.4.3; Postfix's
+tls_wildcard_matches_multiple_labels = yes would allow more).  A ``.domain`` reference
+matches any name with that suffix (as OpenSSL's X509_check_host, which Postfix uses).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+
+from smtproxy.events import PeerCertificate, PeerTrust
+from smtproxy.policy.levels import Level, Policy
+from smtproxy.tls.certificates import peer_certificate
+from smtproxy.tls.engine import RESULT_TYPES, TlsEngine, TlsHandshakeError
+from smtproxy.tls.openssl_ext import VerifyVerdict
+
+# (RFC 8460 result type, reason) of failures that are not OpenSSL's verdicts
+_NO_CERTIFICATE = ("validation-failure", "no_peer_certificate")
+_HOSTNAME_MISMATCH = ("certificate-host-mismatch", "hostname_mismatch")
+_FINGERPRINT_MISMATCH = ("certificate-not-trusted", "fingerprint_mismatch")
+_DANE_UNSUPPORTED = ("validation-failure", "dane_unsupported")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ServerVerdict:
+    trust: PeerTrust
+    certificate: PeerCertificate | None
+    failure: TlsHandshakeError | None
+
+
+def chain_failure(verdicts: list[VerifyVerdict]) -> tuple[str, str] | None:
+    """(result type, reason) of OpenSSL's verdict nearest the leaf; None: chain trusted."""
+    if not verdicts:
+        return None
+    worst = min(verdicts, key=lambda verdict: verdict.depth)
+    return RESULT_TYPES.get(worst.code, "validation-failure"), worst.message.replace(" ", "_")
+
+
+def _normal(name: str) -> str:
+    return name.rstrip(".").lower()
+
+
+def reference_names(match: tuple[str, ...], *, mx_hostname: str, nexthop: str) -> Iterator[str]:
+    """Postfix's match strategies and patterns as names, ``.domain`` meaning any subdomain."""
+    for word in match:
+        if word == "hostname":
+            name = _normal(mx_hostname)
+        elif word == "nexthop":
+            name = _normal(nexthop)
+        elif word == "dot-nexthop":
+            name = "." + _normal(nexthop)
+        else:
+            name = _normal(word)
+        if name.strip("."):
+            yield name
+
+
+def certificate_names(certificate: x509.Certificate) -> list[str]:
+    """DNS subjectAltNames, else the subject CommonNames (RFC 2818 3.1, as Postfix)."""
+    try:
+        san = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        san = None
+    names = san.get_values_for_type(x509.DNSName) if san is not None else []
+    if not names:
+        names = [str(cn.value) for cn in certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    return [_normal(name) for name in names]
+
+
+def name_matches(certificate_name: str, reference: str) -> bool:
+    """One certificate name against one reference name (both lower case, no trailing dot)."""
+    if reference.startswith("."):
+        return len(certificate_name) > len(reference) and certificate_name.endswith(reference)
+    if certificate_name == reference:
+        return True
+    if not certificate_name.startswith("*."):
+        return False
+    label, _, parent = reference.partition(".")
+    wildcard_parent = certificate_name[2:]
+    return bool(label) and "." in wildcard_parent and wildcard_parent == parent
+
+
+def _bare_hex(digest: str) -> str:
+    return digest.replace(":", "").upper()
+
+
+def _fingerprint_matches(certificate: PeerCertificate, match: tuple[str, ...]) -> bool:
+    """Certificate or public-key SHA-256 digest listed (colons optional, as Postfix >= 3.6)."""
+    listed = {_bare_hex(digest) for digest in match}
+    presented = (certificate.sha256_fingerprint, certificate.pubkey_sha256_fingerprint)
+    return any(_bare_hex(digest) in listed for digest in presented)
+
+
+def evaluate_server(engine: TlsEngine, policy: Policy, *, mx_hostname: str, nexthop: str) -> ServerVerdict:
+    """Trust word, certificate facts and, where the level authenticates, the failure.
+
+    `mx_hostname`: the server's name as found in DNS or the route; `nexthop`: the
+    recipient domain, or the host of a bracketed route, without brackets or port.
+    """
+    der = engine.ssl_object.getpeercert(binary_form=True)
+    if not der:
+        failure = TlsHandshakeError(*_NO_CERTIFICATE) if policy.level.authenticates else None
+        return ServerVerdict(PeerTrust.ANONYMOUS, None, failure)
+    certificate = peer_certificate(der)
+    untrusted = chain_failure(engine.verification.verdicts)
+    if policy.level is Level.FINGERPRINT:
+        matched, mismatch = _fingerprint_matches(certificate, policy.match), _FINGERPRINT_MISMATCH
+    elif policy.level in (Level.VERIFY, Level.SECURE):
+        names = certificate_names(x509.load_der_x509_certificate(der))
+        references = reference_names(policy.match_or_default, mx_hostname=mx_hostname, nexthop=nexthop)
+        matched = untrusted is None and any(name_matches(n, r) for r in references for n in names)
+        mismatch = untrusted or _HOSTNAME_MISMATCH
+    else:  # no name or digest to match; dane-only would need TLSA matching
+        matched, mismatch = False, _DANE_UNSUPPORTED
+    if matched:
+        trust = PeerTrust.VERIFIED
+    else:
+        trust = PeerTrust.UNTRUSTED if untrusted else PeerTrust.TRUSTED
+    failure = None if matched or not policy.level.authenticates else TlsHandshakeError(*mismatch)
+    return ServerVerdict(trust, certificate, failure)

@@ -1,0 +1,311 @@
+"""Postfix's verdicts on the server certificate: trust words, name matching, failures."""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import ssl
+from pathlib import Path
+
+import pytest
+import trustme
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from smtproxy.config import OutboundTlsConfig
+from smtproxy.events import PeerTrust
+from smtproxy.policy.levels import Level, Policy
+from smtproxy.tls.certificates import colon_hex
+from smtproxy.tls.client_context import ClientTls
+from smtproxy.tls.openssl_ext import VerifyVerdict
+from smtproxy.tls.verify import (
+    ServerVerdict,
+    certificate_names,
+    chain_failure,
+    evaluate_server,
+    name_matches,
+    reference_names,
+)
+from tests.unit.test_tls_client import MX, ca, ca_file, client, handshake, server_context  # noqa: F401
+
+DOMAIN = "example.com"
+NOW = datetime.datetime.now(datetime.timezone.utc)
+VERIFY = Policy(Level.VERIFY)
+SECURE = Policy(Level.SECURE)
+
+
+def expired(ca: trustme.CA, name: str) -> trustme.LeafCert:
+    return ca.issue_cert(name, not_before=NOW - datetime.timedelta(days=2), not_after=NOW - datetime.timedelta(days=1))
+
+
+def self_signed_server() -> ssl.SSLContext:
+    """A server presenting a self-signed certificate (a fresh trustme root)."""
+    root = trustme.CA()
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    with root.cert_pem.tempfile() as cert_file, root.private_key_pem.tempfile() as key_file:
+        context.load_cert_chain(cert_file, key_file)
+    return context
+
+
+def anonymous_server() -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.maximum_version = ssl.TLSVersion.TLSv1_2
+    context.set_ciphers("aNULL:@SECLEVEL=0")
+    return context
+
+
+def judge(
+    client: ClientTls, policy: Policy, server: ssl.SSLContext, *, mx: str = MX, nexthop: str = DOMAIN
+) -> ServerVerdict:
+    engine = client.new_engine(policy, mx)
+    handshake(engine, server)
+    return evaluate_server(engine, policy, mx_hostname=mx, nexthop=nexthop)
+
+
+def failure_of(verdict: ServerVerdict) -> tuple[str, str] | None:
+    return (verdict.failure.failure_type, verdict.failure.reason) if verdict.failure else None
+
+
+def der_of(cert: trustme.LeafCert) -> bytes:
+    return ssl.PEM_cert_to_DER_cert(cert.cert_chain_pems[0].bytes().decode())
+
+
+# ------------------------------------------------------------------ trust words per level
+
+
+@pytest.mark.parametrize("level", [Level.MAY, Level.ENCRYPT, Level.DANE])
+def test_unauthenticated_levels_log_the_trust_word_and_never_fail(level, client: ClientTls, ca: trustme.CA) -> None:
+    policy = Policy(level)
+    trusted = judge(client, policy, server_context(ca.issue_cert(MX)))
+    assert (trusted.trust, trusted.failure) == (PeerTrust.TRUSTED, None)  # name not checked: never Verified
+    assert trusted.certificate is not None
+    untrusted = judge(client, policy, self_signed_server())
+    assert (untrusted.trust, untrusted.failure) == (PeerTrust.UNTRUSTED, None)
+    wrong_name = judge(client, policy, server_context(ca.issue_cert("mx.elsewhere.net")))
+    assert (wrong_name.trust, wrong_name.failure) == (PeerTrust.TRUSTED, None)
+
+
+def test_anonymous_without_a_certificate(ca_file: Path) -> None:
+    client = ClientTls(OutboundTlsConfig(ciphers="aNULL:HIGH:@SECLEVEL=0"), ca_file)
+    engine = client.new_engine(Policy(Level.MAY), MX)
+    handshake(engine, anonymous_server())
+    may = evaluate_server(engine, Policy(Level.MAY), mx_hostname=MX, nexthop=DOMAIN)
+    assert (may.trust, may.certificate, may.failure) == (PeerTrust.ANONYMOUS, None, None)
+    verify = evaluate_server(engine, VERIFY, mx_hostname=MX, nexthop=DOMAIN)
+    assert verify.trust is PeerTrust.ANONYMOUS
+    assert failure_of(verify) == ("validation-failure", "no_peer_certificate")
+
+
+def test_verify_with_matching_hostname_is_verified(client: ClientTls, ca: trustme.CA) -> None:
+    verdict = judge(client, VERIFY, server_context(ca.issue_cert(MX)))
+    assert (verdict.trust, verdict.failure) == (PeerTrust.VERIFIED, None)
+
+
+def test_verify_matches_a_wildcard_for_one_label(client: ClientTls, ca: trustme.CA) -> None:
+    assert judge(client, VERIFY, server_context(ca.issue_cert("*.example.com"))).trust is PeerTrust.VERIFIED
+    deeper = judge(client, VERIFY, server_context(ca.issue_cert("*.example.com")), mx="a.mx.example.com")
+    assert failure_of(deeper) == ("certificate-host-mismatch", "hostname_mismatch")
+
+
+def test_verify_with_wrong_name_is_trusted_and_fails(client: ClientTls, ca: trustme.CA) -> None:
+    verdict = judge(client, VERIFY, server_context(ca.issue_cert("mx.elsewhere.net")))
+    assert verdict.trust is PeerTrust.TRUSTED
+    assert failure_of(verdict) == ("certificate-host-mismatch", "hostname_mismatch")
+
+
+@pytest.mark.parametrize("name", [MX, "mx.elsewhere.net"])
+def test_expired_is_reported_as_expired(name, client: ClientTls, ca: trustme.CA) -> None:
+    verdict = judge(client, VERIFY, server_context(expired(ca, name)))
+    assert verdict.trust is PeerTrust.UNTRUSTED
+    assert failure_of(verdict) == ("certificate-expired", "certificate_has_expired")
+
+
+def test_self_signed_is_not_trusted(client: ClientTls) -> None:
+    verdict = judge(client, VERIFY, self_signed_server())
+    assert verdict.trust is PeerTrust.UNTRUSTED
+    assert failure_of(verdict) == ("certificate-not-trusted", "self-signed_certificate")
+
+
+def test_unknown_issuer_is_not_trusted(client: ClientTls) -> None:
+    verdict = judge(client, VERIFY, server_context(trustme.CA().issue_cert(MX)))
+    assert failure_of(verdict) == ("certificate-not-trusted", "unable_to_get_local_issuer_certificate")
+
+
+@pytest.mark.parametrize(
+    ("names", "mx", "trust"),
+    [
+        ((DOMAIN,), "mx.hoster.net", PeerTrust.VERIFIED),  # nexthop
+        (("mx1.example.com",), "mx1.example.com", PeerTrust.VERIFIED),  # dot-nexthop
+        (("*.example.com",), "mx.hoster.net", PeerTrust.VERIFIED),  # dot-nexthop, as OpenSSL
+        (("mx.hoster.net",), "mx.hoster.net", PeerTrust.TRUSTED),  # the MX name (insecure DNS) is not enough
+        (("example.com.evil.net",), "mx.hoster.net", PeerTrust.TRUSTED),
+    ],
+)
+def test_secure_matches_nexthop_and_its_subdomains(names, mx, trust, client: ClientTls, ca: trustme.CA) -> None:
+    verdict = judge(client, SECURE, server_context(ca.issue_cert(*names)), mx=mx)
+    assert verdict.trust is trust
+    assert (verdict.failure is None) == (trust is PeerTrust.VERIFIED)
+
+
+def test_match_list_overrides_the_level_default(client: ClientTls, ca: trustme.CA) -> None:
+    server = server_context(ca.issue_cert("mail.partner.example"))
+    assert judge(client, SECURE, server).trust is PeerTrust.TRUSTED
+    assert judge(client, Policy(Level.SECURE, match=(".partner.example",)), server).trust is PeerTrust.VERIFIED
+    assert judge(client, Policy(Level.VERIFY, match=("mail.partner.example",)), server).trust is PeerTrust.VERIFIED
+
+
+# ------------------------------------------------------------------ fingerprint level
+
+
+def fingerprints(cert: trustme.LeafCert) -> tuple[str, str]:
+    parsed = x509.load_der_x509_certificate(der_of(cert))
+    spki = parsed.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return colon_hex(hashlib.sha256(der_of(cert)).digest()), colon_hex(hashlib.sha256(spki).digest())
+
+
+@pytest.mark.parametrize("which", ["certificate", "public key", "public key without colons"])
+def test_fingerprint_match_is_verified_whatever_the_chain(which, client: ClientTls) -> None:
+    cert = expired(trustme.CA(), "anything.invalid")  # untrusted, expired, wrong name
+    certificate_digest, key_digest = fingerprints(cert)
+    listed = {
+        "certificate": certificate_digest,
+        "public key": key_digest,
+        "public key without colons": key_digest.replace(":", "").lower(),
+    }[which]
+    policy = Policy(Level.FINGERPRINT, match=("00:11", listed))
+    verdict = judge(client, policy, server_context(cert))
+    assert (verdict.trust, verdict.failure) == (PeerTrust.VERIFIED, None)
+    assert verdict.certificate.sha256_fingerprint == certificate_digest
+
+
+def test_fingerprint_mismatch_fails(client: ClientTls, ca: trustme.CA) -> None:
+    policy = Policy(Level.FINGERPRINT, match=(fingerprints(ca.issue_cert(MX))[0],))
+    verdict = judge(client, policy, server_context(ca.issue_cert(MX)))  # a trusted chain does not help
+    assert verdict.trust is PeerTrust.TRUSTED
+    assert failure_of(verdict) == ("certificate-not-trusted", "fingerprint_mismatch")
+
+
+def test_dane_only_fails_closed_without_tlsa_matching(client: ClientTls, ca: trustme.CA) -> None:
+    verdict = judge(client, Policy(Level.DANE_ONLY), server_context(ca.issue_cert(MX)))
+    assert failure_of(verdict) == ("validation-failure", "dane_unsupported")
+
+
+# ------------------------------------------------------------------ trust store and depth
+
+
+def test_system_store_when_no_ca_file_is_configured(ca: trustme.CA) -> None:
+    verdict = judge(ClientTls(OutboundTlsConfig(), None), VERIFY, server_context(ca.issue_cert(MX)))
+    assert failure_of(verdict) == ("certificate-not-trusted", "unable_to_get_local_issuer_certificate")
+
+
+def test_policy_ca_file_overrides_the_configured_one(ca: trustme.CA, ca_file: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other.pem"
+    trustme.CA().cert_pem.write_to_path(str(other))
+    client = ClientTls(OutboundTlsConfig(), other)
+    server = server_context(ca.issue_cert(MX))
+    assert judge(client, VERIFY, server).trust is PeerTrust.UNTRUSTED
+    assert judge(client, Policy(Level.VERIFY, ca_file=ca_file), server).trust is PeerTrust.VERIFIED
+
+
+@pytest.mark.parametrize(("depth", "failure"), [(1, ("validation-failure", "certificate_chain_too_long")), (2, None)])
+def test_verify_depth_counts_like_postfix(depth, failure, tmp_path: Path) -> None:
+    root = trustme.CA()
+    root.cert_pem.write_to_path(str(tmp_path / "root.pem"))
+    leaf = root.create_child_ca().issue_cert(MX)  # leaf, intermediate, root: depth 2
+    verdict = judge(ClientTls(OutboundTlsConfig(), tmp_path / "root.pem"), Policy(Level.VERIFY, verify_depth=depth),
+                    server_context(leaf))
+    assert failure_of(verdict) == failure
+
+
+# ------------------------------------------------------------------ resumed handshakes
+
+
+@pytest.mark.parametrize(
+    ("policy", "cert", "trust"),
+    [
+        (VERIFY, lambda ca: ca.issue_cert(MX), PeerTrust.VERIFIED),
+        (VERIFY, lambda ca: expired(ca, MX), PeerTrust.UNTRUSTED),
+        (Policy(Level.MAY), lambda ca: trustme.CA().issue_cert(MX), PeerTrust.UNTRUSTED),
+        (Policy(Level.MAY), lambda ca: ca.issue_cert("mx.elsewhere.net"), PeerTrust.TRUSTED),
+    ],
+)
+def test_resumed_handshake_keeps_the_verdict(policy, cert, trust, client: ClientTls, ca: trustme.CA) -> None:
+    server = server_context(cert(ca))
+    first = client.new_engine(policy, MX)
+    handshake(first, server)
+    resumed = client.new_engine(policy, MX, session=first.ssl_object.session)
+    handshake(resumed, server)
+    assert resumed.ssl_object.session_reused
+    full = evaluate_server(first, policy, mx_hostname=MX, nexthop=DOMAIN)
+    again = evaluate_server(resumed, policy, mx_hostname=MX, nexthop=DOMAIN)
+    assert again.trust is full.trust is trust
+    assert failure_of(again) == failure_of(full)
+    assert again.certificate == full.certificate is not None
+
+
+# ------------------------------------------------------------------ the rules, one by one
+
+
+@pytest.mark.parametrize(
+    ("certificate_name", "reference", "matches"),
+    [
+        ("mx.example.com", "mx.example.com", True),
+        ("*.example.com", "mx.example.com", True),
+        ("*.example.com", "a.mx.example.com", False),  # one label only
+        ("*.example.com", "example.com", False),
+        ("*.com", "example.com", False),  # not a whole domain
+        ("mx*.example.com", "mx1.example.com", False),  # partial wildcard
+        ("m*.example.com", "m*.example.com", True),  # ... is just a name
+        ("mx.example.com", ".example.com", True),
+        ("a.b.example.com", ".example.com", True),
+        ("*.example.com", ".example.com", True),
+        ("example.com", ".example.com", False),
+        ("badexample.com", ".example.com", False),
+        ("mx.example.com", "example.com", False),
+    ],
+)
+def test_name_matching(certificate_name, reference, matches) -> None:
+    assert name_matches(certificate_name, reference) is matches
+
+
+def test_reference_names_from_strategies_and_patterns() -> None:
+    match = ("hostname", "nexthop", "dot-nexthop", "Mail.Example.NET.", ".example.org", "")
+    assert list(reference_names(match, mx_hostname="MX.example.com.", nexthop="Example.com")) == [
+        "mx.example.com", "example.com", ".example.com", "mail.example.net", ".example.org",
+    ]
+    assert list(reference_names(("nexthop", "dot-nexthop"), mx_hostname=MX, nexthop="")) == []
+
+
+def certificate(common_name: str, *dns_names: str) -> x509.Certificate:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    builder = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(1).not_valid_before(NOW).not_valid_after(NOW + datetime.timedelta(days=1))
+    )
+    if dns_names:
+        san = x509.SubjectAlternativeName([x509.DNSName(dns) for dns in dns_names])
+        builder = builder.add_extension(san, critical=False)
+    return builder.sign(key, hashes.SHA256())
+
+
+def test_common_name_only_without_dns_names() -> None:
+    assert certificate_names(certificate("Legacy.Example.com")) == ["legacy.example.com"]
+    assert certificate_names(certificate("cn.example.com", "a.example.com", "B.example.com")) == [
+        "a.example.com", "b.example.com",
+    ]
+
+
+def test_chain_failure_is_the_verdict_nearest_the_leaf() -> None:
+    assert chain_failure([]) is None
+    verdicts = [
+        VerifyVerdict(depth=1, code=10, message="certificate has expired"),
+        VerifyVerdict(depth=0, code=20, message="unable to get local issuer certificate"),
+        VerifyVerdict(depth=0, code=10, message="certificate has expired"),
+    ]
+    assert chain_failure(verdicts) == ("certificate-not-trusted", "unable_to_get_local_issuer_certificate")
+    assert chain_failure([VerifyVerdict(depth=0, code=9, message="certificate is not yet valid")]) == (
+        "validation-failure", "certificate_is_not_yet_valid",
+    )
