@@ -11,6 +11,14 @@ import uvloop
 from smtproxy.config import Config
 from smtproxy.events import EventBus
 from smtproxy.inbound.server import InboundServer
+from smtproxy.outbound.connector import ConnectSettings, Connector
+from smtproxy.outbound.pool import ConnectionPool
+from smtproxy.outbound.server import OutboundServer
+from smtproxy.policy.table import Policies, PolicyTableError
+from smtproxy.routing.mx import make_resolver
+from smtproxy.routing.routes import RouteTable, RouteTableError
+from smtproxy.routing.router import Router
+from smtproxy.tls.client_context import ClientTls
 from smtproxy.telemetry import logging as log_setup
 from smtproxy.tls.certificates import ensure_certificate
 from smtproxy.tls.server_context import ServerTls
@@ -40,14 +48,41 @@ def build_server_tls(config: Config) -> ServerTls | None:
         raise StartupError(f"inbound.certificates: cannot load TLS credentials: {exc}") from exc
 
 
+def build_outbound(config: Config, bus: EventBus) -> OutboundServer | None:
+    """The outbound listener with its routes, policies and TLS client; None when off."""
+    outbound = config.outbound
+    if not outbound.listen:
+        return None
+    try:
+        routes = RouteTable.load(outbound.routes_file) if outbound.routes_file else None
+        policies = Policies.from_config(outbound)
+    except (RouteTableError, PolicyTableError) as exc:
+        raise StartupError(str(exc)) from exc
+    router = Router(routes, make_resolver(config.dns), outbound.port)
+    try:
+        client_tls = ClientTls(outbound.tls, outbound.ca_file)
+    except (OSError, ValueError) as exc:
+        raise StartupError(f"outbound.tls: cannot load TLS settings: {exc}") from exc
+    settings = ConnectSettings(outbound.hostname, outbound.connect_timeout, outbound.handshake_timeout,
+                               outbound.reply_timeout)
+    connector = Connector(settings, client_tls, bus)
+    return OutboundServer(outbound, router, policies, connector, ConnectionPool(connector), bus)
+
+
 async def serve(config: Config) -> None:
     bus = EventBus()
     log_setup.subscribe(bus)
     inbound = InboundServer(config.inbound, build_server_tls(config), bus)
+    outbound = build_outbound(config, bus)
     try:
         listeners = await inbound.start()
     except OSError as exc:
         raise StartupError(f"inbound.listen: cannot bind: {exc}") from exc
+    if outbound is not None:
+        try:
+            listeners += await outbound.start()
+        except OSError as exc:
+            raise StartupError(f"outbound.listen: cannot bind: {exc}") from exc
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -56,9 +91,15 @@ async def serve(config: Config) -> None:
     log.info("smtproxy ready", listeners=listeners, backend=str(config.inbound.backend))
     await stop.wait()
 
-    log.info("smtproxy stopping", active_sessions=len(inbound.connections))
+    log.info("smtproxy stopping", active_sessions=len(inbound.connections),
+             active_outbound_sessions=len(outbound.sessions) if outbound else 0)
     inbound.stop_listening()
-    await inbound.drain(config.inbound.drain_timeout)
+    if outbound is not None:
+        outbound.stop_listening()
+        await asyncio.gather(inbound.drain(config.inbound.drain_timeout),
+                             outbound.drain(config.outbound.drain_timeout))
+    else:
+        await inbound.drain(config.inbound.drain_timeout)
     log.info("smtproxy stopped")
 
 

@@ -641,6 +641,14 @@ class OutboundConfig:
         optional=True, must_exist=True, what="a file path (PEM CA certificates)"), None)
     port: int = _key(Integer(1, 65535), 25)
     hostname: str = _key(HostName(), default_factory=default_hostname)
+    bare_newline: str = _key(Choice(("reject", "normalize")), "normalize")
+    idle_timeout: float = _key(Seconds(), 300.0)
+    connect_timeout: float = _key(Seconds(), 30.0)
+    handshake_timeout: float = _key(Seconds(), 60.0)
+    reply_timeout: float = _key(Seconds(), 300.0)
+    drain_timeout: float = _key(Seconds(), 30.0)
+    max_connections: int = _key(Integer(1), 100)
+    max_message_size: int = _key(Integer(1), 10240000)
     tls: OutboundTlsConfig = _key(Table(OutboundTlsConfig), default_factory=OutboundTlsConfig)
 
     def _validate(self, key: str, ctx: _Context) -> None:

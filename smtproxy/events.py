@@ -67,6 +67,10 @@ class HandshakeFacts:
     duration: float = 0.0
     failure_type: str | None = None
     failure_reason: str | None = None
+    # outbound only: what TLSRPT reports besides the handshake itself
+    domain: str | None = None  # the recipient domain (the policy domain)
+    local_addr: str | None = None  # sending-mta-ip
+    peer_helo: str | None = None  # the name in the remote's greeting (receiving-mx-helo)
 
     @property
     def ok(self) -> bool:

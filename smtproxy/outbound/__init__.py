@@ -1,0 +1,1 @@
+"""Outbound path: plaintext from the legacy MTA, STARTTLS to remote MX hosts."""

@@ -1,0 +1,247 @@
+"""Getting a connection to a destination that satisfies its TLS policy.
+
+Postfix's smtp client order: try each MX address in turn; greet; EHLO; STARTTLS when the
+level wants TLS and the server offers it; authenticate the server per level; EHLO again.
+A policy failure moves on to the next address; only `may` (and `dane` until DANE lookups
+exist) falls back to plaintext (DESIGN.md invariant 4).  Every handshake, and every failure
+to get one that the level cared about, is published as one `HandshakeFacts`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import time
+
+import structlog
+
+from smtproxy.events import Direction, EventBus, HandshakeFacts
+from smtproxy.outbound.upstream import UpstreamConnection, UpstreamError
+from smtproxy.policy.levels import Level, Policy, PolicyDecision
+from smtproxy.routing.router import Destination, Target
+from smtproxy.smtp import EhloReply, Reply
+from smtproxy.tls.client_context import ClientTls
+from smtproxy.tls.engine import TlsHandshakeError
+from smtproxy.tls.facts import build_facts
+from smtproxy.tls.verify import evaluate_server
+
+log = structlog.get_logger("smtproxy.outbound")
+
+
+class DeliveryFailure(Exception):
+    """No acceptable connection: `reply` goes to the legacy MTA (always 4xx here)."""
+
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(reply.text)
+        self.reply = reply
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ConnectSettings:
+    hostname: str  # our EHLO name
+    connect_timeout: float
+    handshake_timeout: float
+    reply_timeout: float
+
+
+@dataclasses.dataclass
+class RemoteSession:
+    """An open, greeted (and, per policy, TLS-protected) connection to one MX."""
+
+    connection: UpstreamConnection
+    target: Target
+    nexthop: str
+    policy: Policy
+    ehlo: EhloReply
+    facts: HandshakeFacts | None
+    transactions: int = 0
+
+    @property
+    def peer(self) -> str:
+        return f"{self.target.hostname}[{self.target.address}]:{self.target.port}"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Failure:
+    """Why one address was not used; `policy` marks a TLS-policy failure (4.7.5)."""
+
+    text: str
+    policy: bool = False
+
+
+class _TryNext(Exception):
+    def __init__(self, failure: _Failure) -> None:
+        super().__init__(failure.text)
+        self.failure = failure
+
+
+class _RetryInPlaintext(Exception):
+    """`may`: the TLS handshake failed; Postfix retries the same server without TLS."""
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def nexthop_name(nexthop: str) -> str:
+    """`[mx.example.net]:25` -> `mx.example.net`; `example.com` stays."""
+    if nexthop.startswith("["):
+        return nexthop[1 : nexthop.index("]")]
+    return nexthop
+
+
+class Connector:
+    def __init__(self, settings: ConnectSettings, client_tls: ClientTls, bus: EventBus) -> None:
+        self.settings = settings
+        self.client_tls = client_tls
+        self.bus = bus
+
+    async def connect(self, domain: str, destination: Destination, decision: PolicyDecision) -> RemoteSession:
+        policy = decision.policy
+        if policy.level is Level.DANE_ONLY:
+            log.warning("dane-only: DANE lookups are not implemented yet; deferring", domain=domain)
+            raise DeliveryFailure(Reply.of(451, "4.7.5", f"{domain}: TLS policy dane-only cannot be met: "
+                                                          "DANE is not supported yet"))
+        if policy.level is Level.DANE:
+            log.info("dane: DANE lookups are not implemented yet; using level may", domain=domain)
+            policy = dataclasses.replace(policy, level=Level.MAY)
+        failures: list[_Failure] = []
+        for target in destination.targets:
+            try:
+                return await self._attempt(domain, destination.nexthop, target, policy, use_tls=True)
+            except _RetryInPlaintext:
+                try:
+                    return await self._attempt(domain, destination.nexthop, target, policy, use_tls=False)
+                except _TryNext as exc:
+                    failures.append(exc.failure)
+            except _TryNext as exc:
+                failures.append(exc.failure)
+            log.info("delivery attempt failed", domain=domain, peer=f"{target.hostname}[{target.address}]",
+                     reason=failures[-1].text)
+        if not failures:
+            raise DeliveryFailure(Reply.of(451, "4.4.4", f"{domain}: no mail server address found"))
+        policy_failures = [failure for failure in failures if failure.policy]
+        if policy_failures:
+            raise DeliveryFailure(Reply.of(451, "4.7.5", policy_failures[-1].text))
+        raise DeliveryFailure(Reply.of(451, "4.4.1", failures[-1].text))
+
+    async def _attempt(self, domain: str, nexthop: str, target: Target, policy: Policy, *,
+                       use_tls: bool) -> RemoteSession:
+        settings = self.settings
+        where = f"{target.hostname}[{target.address}]:{target.port}"
+        try:
+            connection = await UpstreamConnection.open(target.address, target.port,
+                                                       timeout=settings.connect_timeout)
+        except UpstreamError as exc:
+            raise _TryNext(_Failure(f"connect to {where}: {exc.reason}")) from None
+        try:
+            greeting = await connection.read_reply(settings.reply_timeout, "waiting for greeting")
+            if greeting.code != 220:
+                raise _TryNext(_Failure(f"host {where} refused to talk to me: {greeting.code} {greeting.text}"))
+            ehlo = await self._ehlo(connection, where, policy)
+            facts = None
+            if use_tls and policy.level.tls_wanted:
+                if ehlo.has("STARTTLS"):
+                    facts = await self._start_tls(connection, domain, nexthop, target, policy, greeting)
+                    if facts is not None:
+                        ehlo = await self._ehlo(connection, where, policy)
+                elif policy.level.tls_required:
+                    self._publish_failure(domain, target, connection, greeting,
+                                          "starttls-not-supported", "starttls_not_offered")
+                    raise _TryNext(_Failure(f"TLS is required, but was not offered by host {where}", policy=True))
+            return RemoteSession(connection, target, nexthop, policy, ehlo, facts)
+        except UpstreamError as exc:
+            connection.abort()
+            raise _TryNext(_Failure(f"conversation with {where}: {exc.reason}")) from None
+        except (_TryNext, _RetryInPlaintext):
+            await connection.quit(min(settings.reply_timeout, 5.0))
+            raise
+
+    async def _ehlo(self, connection: UpstreamConnection, where: str, policy: Policy) -> EhloReply:
+        reply = await connection.command(f"EHLO {self.settings.hostname}", self.settings.reply_timeout)
+        if reply.code == 250:
+            return EhloReply.parse(reply)
+        if policy.level.tls_wanted and policy.level.tls_required:
+            raise _TryNext(_Failure(f"host {where} refused EHLO: {reply.code} {reply.text}"))
+        helo = await connection.command(f"HELO {self.settings.hostname}", self.settings.reply_timeout)
+        if helo.code != 250:
+            raise _TryNext(_Failure(f"host {where} refused HELO: {helo.code} {helo.text}"))
+        return EhloReply(helo.lines[0])
+
+    async def _start_tls(self, connection: UpstreamConnection, domain: str, nexthop: str, target: Target,
+                         policy: Policy, greeting: Reply) -> HandshakeFacts | None:
+        """The facts of a verified-enough handshake; None: STARTTLS refused under `may`."""
+        where = f"{target.hostname}[{target.address}]:{target.port}"
+        reply = await connection.command("STARTTLS", self.settings.reply_timeout)
+        if reply.code != 220:
+            self._publish_failure(domain, target, connection, greeting, "starttls-not-supported",
+                                  f"starttls_refused_{reply.code}")
+            if policy.level.tls_required:
+                raise _TryNext(_Failure(f"TLS is required, but host {where} refused to start TLS: "
+                                        f"{reply.code} {reply.text}", policy=True))
+            log.info(f"host {where} refused to start TLS; continuing in plaintext", reply=reply.text)
+            return None
+        engine = self.client_tls.new_engine(policy, server_hostname=self._server_name(policy, target, nexthop))
+        started = time.monotonic()
+        try:
+            await connection.start_tls(engine, self.settings.handshake_timeout)
+        except TlsHandshakeError as exc:
+            log.warning(f"SSL_connect error to {where}: {exc.reason}", domain=domain)
+            self._publish_failure(domain, target, connection, greeting, exc.failure_type, exc.reason,
+                                  duration=time.monotonic() - started)
+            if policy.level.tls_required:
+                raise _TryNext(_Failure(f"TLS handshake with {where} failed: {exc.reason}", policy=True)) from None
+            raise _RetryInPlaintext() from None
+        if connection.discarded_after_starttls:
+            log.warning("discarded plaintext received after the 220 reply to STARTTLS",
+                        peer=where, bytes=connection.discarded_after_starttls)
+        verdict = evaluate_server(engine, policy, mx_hostname=target.hostname, nexthop=nexthop_name(nexthop))
+        facts = dataclasses.replace(
+            build_facts(engine, direction=Direction.OUTBOUND, peer_name=target.hostname,
+                        peer_addr=target.address, peer_port=target.port,
+                        duration=time.monotonic() - started, peer_trust=verdict.trust,
+                        peer_certificate=verdict.certificate),
+            domain=domain, local_addr=self._local_addr(connection), peer_helo=_greeting_name(greeting))
+        if verdict.failure is not None:
+            failed = dataclasses.replace(facts, failure_type=verdict.failure.failure_type,
+                                         failure_reason=verdict.failure.reason)
+            log.warning(f"server certificate verification failed for {where}: {verdict.failure.reason}",
+                        domain=domain, level=str(policy.level), peer_trust=str(verdict.trust))
+            self.bus.publish(failed)
+            raise _TryNext(_Failure(f"Server certificate not verified: {where}: {verdict.failure.reason}",
+                                    policy=True))
+        self.bus.publish(facts)
+        return facts
+
+    @staticmethod
+    def _server_name(policy: Policy, target: Target, nexthop: str) -> str | None:
+        if policy.servername == "hostname":
+            name = target.hostname
+        elif policy.servername == "nexthop":
+            name = nexthop_name(nexthop)
+        else:
+            name = policy.servername
+        return None if _is_ip(name) else name
+
+    @staticmethod
+    def _local_addr(connection: UpstreamConnection) -> str | None:
+        if connection.transport is None:
+            return None
+        sockname = connection.transport.get_extra_info("sockname")
+        return sockname[0] if sockname else None
+
+    def _publish_failure(self, domain: str, target: Target, connection: UpstreamConnection, greeting: Reply,
+                         failure_type: str, reason: str, duration: float = 0.0) -> None:
+        self.bus.publish(HandshakeFacts(
+            direction=Direction.OUTBOUND, peer_name=target.hostname, peer_addr=target.address,
+            peer_port=target.port, duration=duration, failure_type=failure_type, failure_reason=reason,
+            domain=domain, local_addr=self._local_addr(connection), peer_helo=_greeting_name(greeting)))
+
+
+def _greeting_name(greeting: Reply) -> str | None:
+    words = greeting.lines[0].split()
+    return words[0] if words else None

@@ -1,0 +1,139 @@
+"""The outbound listener: legacy MTA connections in, one `OutboundSession` each.
+
+In `relay` mode the nexthop comes from the routes table or MX lookup; in `transparent`
+mode (iptables REDIRECT of port 25) it is the address the MTA was really connecting to,
+read with SO_ORIGINAL_DST.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+
+import structlog
+
+from smtproxy.config import OutboundConfig
+from smtproxy.events import Direction, EventBus, SessionEnded
+from smtproxy.outbound.connector import Connector, DeliveryFailure, RemoteSession
+from smtproxy.outbound.original_dst import original_destination
+from smtproxy.outbound.pool import ConnectionPool
+from smtproxy.outbound.session import OutboundSession, OutboundSettings
+from smtproxy.policy.table import Policies
+from smtproxy.routing.router import Destination, Router, RoutingError, Target
+from smtproxy.smtp import Reply
+
+log = structlog.get_logger("smtproxy.outbound")
+_session_ids = itertools.count(1)
+
+
+class OutboundServer:
+    def __init__(self, config: OutboundConfig, router: Router, policies: Policies, connector: Connector,
+                 pool: ConnectionPool, bus: EventBus) -> None:
+        self.config = config
+        self.router = router
+        self.policies = policies
+        self.connector = connector
+        self.pool = pool
+        self.bus = bus
+        self.settings = OutboundSettings(
+            hostname=config.hostname, bare_newline=config.bare_newline, idle_timeout=config.idle_timeout,
+            reply_timeout=config.reply_timeout, max_message_size=config.max_message_size)
+        self.sessions: set[asyncio.Task[None]] = set()
+        self._servers: list[asyncio.AbstractServer] = []
+
+    async def start(self, *, reuse_port: bool = False) -> list[str]:
+        bound = []
+        for address in self.config.listen:
+            server = await asyncio.start_server(self._serve, address.host, address.port, reuse_address=True,
+                                                reuse_port=reuse_port or None, backlog=1024)
+            self._servers.append(server)
+            bound.append(f"{address} (outbound {self.config.mode})")
+        return bound
+
+    def stop_listening(self) -> None:
+        for server in self._servers:
+            server.close()
+
+    async def drain(self, timeout: float) -> None:
+        if self.sessions:
+            _, pending = await asyncio.wait(set(self.sessions), timeout=timeout)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=5)
+        await self.pool.close_all()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        peer = writer.get_extra_info("peername") or ("?", 0)
+        session_log = log.bind(session=f"o{next(_session_ids)}", client=f"unknown[{peer[0]}]")
+        if len(self.sessions) >= self.config.max_connections:
+            session_log.warning("connection refused", reason="too many connections")
+            writer.write(Reply.of(421, "4.7.0", f"{self.config.hostname} Error: too many connections").serialize())
+            writer.close()
+            return
+        original = None
+        if self.config.mode == "transparent":
+            original = self._original_destination(writer, session_log)
+        self.sessions.add(task)
+        started = time.monotonic()
+        session_log.info(f"connect from unknown[{peer[0]}]", direction="outbound", original_destination=original)
+        session = OutboundSession(self.settings, reader, writer,
+                                  lambda domain: self._connect(domain, original, session_log),
+                                  self.pool.release, self.bus, session_log)
+        try:
+            await session.run()
+        except asyncio.CancelledError:
+            writer.write(Reply.of(421, "4.3.2", f"{self.config.hostname} Service shutting down").serialize())
+        finally:
+            self.sessions.discard(task)
+            writer.close()
+            duration = time.monotonic() - started
+            session_log.info(f"disconnect from unknown[{peer[0]}]", direction="outbound", messages=session.messages,
+                             bytes=session.message_bytes, duration=round(duration, 3))
+            self.bus.publish(SessionEnded(Direction.OUTBOUND, "unknown", peer[0], False, session.messages,
+                                          session.message_bytes, duration))
+
+    @staticmethod
+    def _original_destination(writer: asyncio.StreamWriter, session_log) -> tuple[str, int] | None:
+        sock = writer.get_extra_info("socket")
+        local = writer.get_extra_info("sockname")
+        try:
+            original = original_destination(sock)
+        except OSError as exc:
+            session_log.warning("no original destination (SO_ORIGINAL_DST)", error=str(exc))
+            return None
+        if local is not None and original == (local[0], local[1]):
+            session_log.warning("connection was not redirected: original destination is the listener itself")
+            return None
+        return original
+
+    async def _connect(self, domain: str, original: tuple[str, int] | None, session_log) -> RemoteSession:
+        if self.config.mode == "transparent":
+            destination = await self._transparent_destination(domain, original)
+        else:
+            try:
+                destination = await self.router.route(domain)
+            except RoutingError as exc:
+                session_log.warning("routing failed", domain=domain, reason=exc.reason)
+                raise DeliveryFailure(exc.reply) from None
+        decision = self.policies.decide(destination.nexthop if self.config.mode == "relay" else domain)
+        session_log.info("policy", domain=domain, nexthop=destination.nexthop, level=str(decision.policy.level),
+                         source=decision.source)
+        return await self.pool.acquire(domain, destination, decision)
+
+    async def _transparent_destination(self, domain: str, original: tuple[str, int] | None) -> Destination:
+        """The original destination, named by the MX host that has its address if DNS knows one."""
+        if original is None:
+            raise DeliveryFailure(Reply.of(451, "4.3.5", "transparent mode: the original destination is unknown"))
+        address, port = original
+        hostname = address
+        try:
+            routed = await self.router.route(domain)
+        except RoutingError:
+            routed = None
+        if routed is not None:
+            hostname = next((t.hostname for t in routed.targets if t.address == address), address)
+        return Destination(domain, (Target(hostname, address, port, None),))

@@ -1,0 +1,331 @@
+"""One connection from the legacy MTA: smtproxy answers the envelope itself, and relays
+the transaction synchronously to the remote MX of the first recipient's domain.
+
+Nothing is acknowledged before the remote acknowledged it (DESIGN.md invariant 1): MAIL gets
+a local 250 after a syntax check, but every RCPT reply and the final reply after the data
+are the remote's own (a remote refusal of MAIL becomes the RCPT reply).  One destination per
+transaction: a RCPT for another domain gets `452 4.5.3`, and the MTA sends it next time.
+Commands are answered strictly in order, so the MTA may pipeline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import Awaitable, Callable
+
+from smtproxy.events import Direction, EventBus, MessageRelayed
+from smtproxy.outbound.connector import DeliveryFailure, RemoteSession
+from smtproxy.outbound.upstream import UpstreamError
+from smtproxy.smtp import (
+    LINE_TOO_LONG,
+    Command,
+    DataError,
+    DataScanner,
+    LineReader,
+    PeerProtocolError,
+    Reply,
+    ServerSession,
+    SessionPolicy,
+    parse_command,
+    parse_mail_from,
+    parse_rcpt_to,
+)
+
+COMMAND_LINE_LIMIT = 2048
+READ_SIZE = 64 * 1024
+
+# MAIL/RCPT parameters and the remote extension each needs (RFC 1870, 6152, 6531, 3461)
+_MAIL_PARAMS = {"SIZE": "SIZE", "BODY": "8BITMIME", "SMTPUTF8": "SMTPUTF8", "RET": "DSN", "ENVID": "DSN"}
+_RCPT_PARAMS = {"NOTIFY": "DSN", "ORCPT": "DSN"}
+
+_DATA_ERRORS = {
+    DataError.BARE_LF: Reply.of(521, "5.5.2", "Error: bare <LF> received"),
+    DataError.BARE_CR: Reply.of(521, "5.5.2", "Error: bare <CR> received"),
+    DataError.LINE_TOO_LONG: Reply.of(500, "5.5.2", "Error: line too long"),
+    DataError.TOO_BIG: Reply.of(552, "5.3.4", "Error: message file too big"),
+}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class OutboundSettings:
+    hostname: str
+    bare_newline: str
+    idle_timeout: float
+    reply_timeout: float
+    max_message_size: int
+
+
+# (recipient domain) -> an open remote session ready for MAIL; raises DeliveryFailure
+Connect = Callable[[str], Awaitable[RemoteSession]]
+# hand a remote session back after a transaction (for reuse, or to close it)
+Release = Callable[[RemoteSession, bool], None]
+
+
+class MtaGone(Exception):
+    """The legacy MTA closed the connection or went idle past the timeout."""
+
+
+def recipient_domain(path: str) -> str | None:
+    local, at, domain = path.rpartition("@")
+    if not at or not local or not domain or domain.startswith("["):
+        return None
+    return domain.rstrip(".").lower()
+
+
+def filter_params(params: dict[str, str | None], allowed: dict[str, str], remote) -> str:
+    """The parameters the remote's EHLO reply allows, as ` KEY=VALUE ...` (or "")."""
+    kept = [key if value is None else f"{key}={value}" for key, value in params.items()
+            if key in allowed and remote.has(allowed[key])]
+    return "".join(f" {word}" for word in kept)
+
+
+class OutboundSession:
+    def __init__(self, settings: OutboundSettings, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 connect: Connect, release: Release, bus: EventBus, log) -> None:
+        self.settings = settings
+        self.bus = bus
+        self.reader = reader
+        self.writer = writer
+        self.connect = connect
+        self.release = release
+        self.log = log
+        self.smtp = ServerSession(SessionPolicy(tls_offered=False, tls_required=False, auth_only_after_tls=False,
+                                                max_message_size=settings.max_message_size, chunking=False))
+        self.lines = LineReader(COMMAND_LINE_LIMIT)
+        self.messages = 0
+        self.message_bytes = 0
+        self._reset_transaction()
+
+    def _reset_transaction(self) -> None:
+        self.mail: tuple[str, dict[str, str | None]] | None = None
+        self.domain: str | None = None
+        self.remote: RemoteSession | None = None
+        self.remote_refusal: Reply | None = None
+        self.accepted = 0
+
+    # ----------------------------------------------------------------- I/O helpers
+
+    async def _read(self) -> bytes:
+        try:
+            data = await asyncio.wait_for(self.reader.read(READ_SIZE), self.settings.idle_timeout)
+        except asyncio.TimeoutError:
+            self._write(Reply.of(421, "4.4.2", f"{self.settings.hostname} Error: timeout exceeded"))
+            raise MtaGone("timeout") from None
+        except ConnectionError:
+            raise MtaGone("lost connection") from None
+        if not data:
+            raise MtaGone("lost connection")
+        return data
+
+    def _write(self, reply: Reply) -> None:
+        if not self.writer.is_closing():
+            self.writer.write(reply.serialize())
+
+    async def _next_command_line(self) -> bytes | object:
+        while True:
+            line = self.lines.next_line()
+            if line is not None:
+                return line
+            self.lines.feed(await self._read())
+
+    # ----------------------------------------------------------------- the session
+
+    async def run(self) -> None:
+        self._write(Reply(220, (f"{self.settings.hostname} ESMTP smtproxy",)))
+        try:
+            while not self.writer.is_closing():
+                line = await self._next_command_line()
+                if line is LINE_TOO_LONG:
+                    self._write(Reply.of(500, "5.5.2", "Error: line too long"))
+                    continue
+                try:
+                    command = parse_command(line)
+                except PeerProtocolError as exc:
+                    self._write(exc.reply)
+                    continue
+                refusal = self.smtp.check(command)
+                if refusal is not None:
+                    self._write(refusal)
+                    if refusal.code == 221:
+                        break
+                    continue
+                reply = await self._handle(command)
+                if command.verb != "DATA" or reply.code != 354:
+                    self.smtp.on_reply(command, reply)
+                self._write(reply)
+                if command.verb == "QUIT":
+                    break
+                await self.writer.drain()
+        except MtaGone as exc:
+            self.log.info("legacy MTA connection ended", reason=str(exc))
+        finally:
+            self._abandon_remote()
+
+    async def _handle(self, command: Command) -> Reply:
+        verb = command.verb
+        if verb in ("EHLO", "HELO"):
+            self._end_transaction()
+            return self._ehlo_reply() if verb == "EHLO" else Reply(250, (self.settings.hostname,))
+        if verb == "MAIL":
+            self.mail = parse_mail_from(command.arg)
+            return Reply.of(250, "2.1.0", "Ok")
+        if verb == "RCPT":
+            return await self._rcpt(command)
+        if verb == "DATA":
+            return await self._data()
+        if verb == "RSET":
+            self._end_transaction()
+            return Reply.of(250, "2.0.0", "Ok")
+        if verb == "NOOP":
+            return Reply.of(250, "2.0.0", "Ok")
+        if verb == "QUIT":
+            return Reply.of(221, "2.0.0", "Bye")
+        return Reply.of(502, "5.5.2", "Error: command not recognized")
+
+    def _ehlo_reply(self) -> Reply:
+        return Reply(250, (
+            self.settings.hostname, "PIPELINING", f"SIZE {self.settings.max_message_size}", "ENHANCEDSTATUSCODES",
+            "8BITMIME", "DSN", "SMTPUTF8"))
+
+    # ----------------------------------------------------------------- RCPT
+
+    async def _rcpt(self, command: Command) -> Reply:
+        path, params = parse_rcpt_to(command.arg)
+        domain = recipient_domain(path)
+        if domain is None:
+            return Reply.of(501, "5.1.3", "Bad recipient address syntax")
+        if self.domain is None:
+            self.domain = domain
+        elif domain != self.domain:
+            return Reply.of(452, "4.5.3", f"Error: too many recipients; {domain} goes in a separate transaction")
+        if self.remote_refusal is not None:
+            return self.remote_refusal
+        if self.remote is None:
+            refusal = await self._open_transaction(domain)
+            if refusal is not None:
+                self.remote_refusal = refusal
+                return refusal
+        assert self.remote is not None
+        rcpt = f"RCPT TO:<{path}>" + filter_params(params, _RCPT_PARAMS, self.remote.ehlo)
+        try:
+            reply = await self.remote.connection.command(rcpt, self.settings.reply_timeout)
+        except UpstreamError as exc:
+            return self._remote_lost(exc)
+        if reply.is_positive_completion:
+            self.accepted += 1
+        return reply
+
+    async def _open_transaction(self, domain: str) -> Reply | None:
+        """Connect and send MAIL; a refusal to answer every RCPT of this transaction."""
+        assert self.mail is not None
+        try:
+            remote = await self.connect(domain)
+        except DeliveryFailure as exc:
+            self.log.warning("delivery deferred", domain=domain, reply=exc.reply.text)
+            return exc.reply
+        sender, params = self.mail
+        if "SMTPUTF8" in params and not remote.ehlo.has("SMTPUTF8"):
+            self.release(remote, True)
+            return Reply.of(553, "5.6.7", f"SMTPUTF8 is required, but was not offered by host {remote.peer}")
+        mail = f"MAIL FROM:<{sender}>" + filter_params(params, _MAIL_PARAMS, remote.ehlo)
+        try:
+            reply = await remote.connection.command(mail, self.settings.reply_timeout)
+        except UpstreamError as exc:
+            remote.connection.abort()
+            return Reply.of(451, "4.4.2", f"lost connection with {remote.peer} while sending MAIL FROM: {exc.reason}")
+        if not reply.is_positive_completion:
+            self.release(remote, remote.connection.alive and reply.code != 421)
+            return reply
+        self.remote = remote
+        return None
+
+    def _remote_lost(self, exc: UpstreamError) -> Reply:
+        assert self.remote is not None
+        peer = self.remote.peer
+        self.remote.connection.abort()
+        self.remote = None
+        self.remote_refusal = Reply.of(451, "4.4.2", f"lost connection with {peer}: {exc.reason}")
+        return self.remote_refusal
+
+    # ----------------------------------------------------------------- DATA
+
+    async def _data(self) -> Reply:
+        if self.remote is None:
+            return self.remote_refusal or Reply.of(554, "5.5.1", "Error: no valid recipients")
+        remote = self.remote
+        try:
+            reply = await remote.connection.command("DATA", self.settings.reply_timeout)
+        except UpstreamError as exc:
+            reply = self._remote_lost(exc)
+        if reply.code != 354:
+            self._end_transaction()
+            return reply
+        self._write(reply)
+        started = time.monotonic()
+        scanner = DataScanner(self.settings.bare_newline, self.settings.max_message_size)
+        lost: UpstreamError | None = None
+        error: DataError | None = None
+        data = self.lines.take_buffer()
+        try:
+            while True:
+                scan = scanner.feed(data) if data else None
+                if scan is not None:
+                    if scan.error is not None and error is None:
+                        error = scan.error
+                        remote.connection.abort()  # without the final dot: nothing is delivered
+                    if error is None and lost is None and scan.forward:
+                        try:
+                            remote.connection.send(scan.forward)
+                            await remote.connection.drain()
+                        except UpstreamError as exc:
+                            lost = exc
+                    if scan.done:
+                        self.lines.feed(scan.rest)
+                        break
+                data = await self._read()
+        except MtaGone:
+            remote.connection.abort()  # the MTA vanished mid-DATA: no final dot
+            self.remote = None
+            raise
+        size = scanner.size
+        if error is not None:
+            self.remote = None
+            self._end_transaction()
+            self.log.warning("message refused", reason=error.value, size=size)
+            return _DATA_ERRORS[error]
+        if lost is None:
+            try:
+                final = await remote.connection.read_reply(self.settings.reply_timeout, "waiting for end of data")
+            except UpstreamError as exc:
+                lost = exc
+        if lost is not None:
+            final = self._remote_lost(lost)
+        self._record(final, size, time.monotonic() - started, remote)
+        self._end_transaction()
+        return final
+
+    def _record(self, final: Reply, size: int, duration: float, remote: RemoteSession) -> None:
+        if final.is_positive_completion:
+            self.messages += 1
+            self.message_bytes += size
+            result = "accepted"
+        else:
+            result = "deferred" if final.is_transient else "rejected"
+        self.log.info("message relayed", result=result, size=size, domain=self.domain,
+                      relay=remote.peer, reply=final.text, duration=round(duration, 3))
+        self.bus.publish(MessageRelayed(Direction.OUTBOUND, result, size, duration))
+
+    # ----------------------------------------------------------------- ending
+
+    def _end_transaction(self) -> None:
+        """Hand the remote back (it gets RSET for reuse or QUIT) and forget the envelope."""
+        if self.remote is not None:
+            self.release(self.remote, self.remote.connection.alive)
+        self._reset_transaction()
+
+    def _abandon_remote(self) -> None:
+        if self.remote is not None:
+            self.remote.connection.abort()
+        self._reset_transaction()

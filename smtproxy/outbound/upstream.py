@@ -1,0 +1,193 @@
+"""One SMTP client connection to a remote MX: replies in, commands out, STARTTLS in place.
+
+TLS runs over memory BIOs (`tls.engine.TlsEngine`), so this object sees every byte on the
+wire.  When the server answers STARTTLS with 220, whatever else arrived with that reply is
+thrown away before the handshake starts: a man in the middle cannot queue replies in
+plaintext that the proxy would then read as if they came inside TLS (the response-injection
+mirror of CVE-2011-0411, DESIGN.md invariant 2).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from smtproxy.smtp import PeerProtocolError, Reply, ReplyParser
+from smtproxy.tls.engine import TlsEngine, TlsHandshakeError
+
+
+class UpstreamError(Exception):
+    """The remote connection failed; `reason` is one short phrase for logs and replies."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """Use `await UpstreamConnection.open(...)`; then `command`, `send`, `read_reply`."""
+
+    def __init__(self, max_reply_line: int = 2048) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.engine: TlsEngine | None = None
+        self.discarded_after_starttls = 0
+        self.created = time.monotonic()
+        self._parser = ReplyParser(max_reply_line)
+        self._waiter: asyncio.Future[None] | None = None
+        self._closed_reason: str | None = None
+        self._handshake_error: TlsHandshakeError | None = None
+        self._can_write = asyncio.Event()
+        self._can_write.set()
+
+    @classmethod
+    async def open(cls, host: str, port: int, *, timeout: float) -> UpstreamConnection:
+        loop = asyncio.get_running_loop()
+        try:
+            _, protocol = await asyncio.wait_for(loop.create_connection(cls, host, port), timeout)
+        except asyncio.TimeoutError:
+            raise UpstreamError("connection timed out") from None
+        except OSError as exc:
+            raise UpstreamError(exc.strerror or str(exc) or "connection failed") from None
+        return protocol
+
+    # ----------------------------------------------------------------- asyncio callbacks
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        if self.engine is None:
+            self._parser.feed(data)
+        else:
+            try:
+                plaintext = self.engine.receive(data)
+            except TlsHandshakeError as exc:
+                self._handshake_error = exc
+                plaintext = b""
+            self._flush_tls()
+            self._parser.feed(plaintext)
+            if self.engine.peer_closed:
+                self._closed_reason = self._closed_reason or "lost connection"
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self._closed_reason = self._closed_reason or "lost connection"
+        self._wake()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed_reason = self._closed_reason or "lost connection"
+        self._can_write.set()
+        self._wake()
+
+    def pause_writing(self) -> None:
+        self._can_write.clear()
+
+    def resume_writing(self) -> None:
+        self._can_write.set()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def _wait(self, deadline: float, what: str) -> None:
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await asyncio.wait_for(self._waiter, max(0.0, deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            raise UpstreamError(f"timeout {what}") from None
+        finally:
+            self._waiter = None
+
+    # ----------------------------------------------------------------- API
+
+    @property
+    def alive(self) -> bool:
+        return self._closed_reason is None and self.transport is not None and not self.transport.is_closing()
+
+    @property
+    def tls_active(self) -> bool:
+        return self.engine is not None and self.engine.handshake_done
+
+    def send(self, data: bytes) -> None:
+        if not self.alive:
+            raise UpstreamError(self._closed_reason or "lost connection")
+        assert self.transport is not None
+        if self.engine is not None:
+            self.engine.send(data)
+            self._flush_tls()
+        else:
+            self.transport.write(data)
+
+    async def drain(self) -> None:
+        """Wait while the socket's send buffer is over its high-water mark."""
+        await self._can_write.wait()
+        if not self.alive:
+            raise UpstreamError(self._closed_reason or "lost connection")
+
+    async def read_reply(self, timeout: float, what: str = "waiting for reply") -> Reply:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                reply = self._parser.next_reply()
+            except PeerProtocolError:
+                raise UpstreamError("malformed reply") from None
+            if reply is not None:
+                return reply
+            if self._closed_reason is not None:
+                raise UpstreamError(self._closed_reason)
+            await self._wait(deadline, what)
+
+    async def command(self, line: str, timeout: float) -> Reply:
+        self.send(line.encode("utf-8", "surrogateescape") + b"\r\n")
+        return await self.read_reply(timeout, f"waiting for reply to {line.split(' ', 1)[0]}")
+
+    async def start_tls(self, engine: TlsEngine, timeout: float) -> None:
+        """Run the handshake after the server's 220 to STARTTLS.
+
+        Raises TlsHandshakeError for a TLS failure and UpstreamError for a lost connection
+        or a timeout.
+        """
+        self.discarded_after_starttls = len(self._parser.take_buffer())
+        self.engine = engine
+        deadline = time.monotonic() + timeout
+        engine.handshake()
+        self._flush_tls()
+        while not engine.handshake_done:
+            if self._handshake_error is not None:
+                raise self._handshake_error
+            if self._closed_reason is not None:
+                raise UpstreamError(f"{self._closed_reason} during TLS handshake")
+            await self._wait(deadline, "during TLS handshake")
+        if self._handshake_error is not None:
+            raise self._handshake_error
+
+    def _flush_tls(self) -> None:
+        if self.engine is not None and self.transport is not None and not self.transport.is_closing():
+            out = self.engine.outgoing()
+            if out:
+                self.transport.write(out)
+
+    async def quit(self, timeout: float) -> None:
+        """QUIT politely (best effort), then close."""
+        try:
+            if self.alive:
+                await self.command("QUIT", timeout)
+        except UpstreamError:
+            pass
+        self.close()
+
+    def close(self) -> None:
+        if self.transport is None:
+            return
+        self._closed_reason = self._closed_reason or "closed"
+        if self.engine is not None and self.engine.handshake_done and not self.transport.is_closing():
+            self.engine.close()
+            self._flush_tls()
+        self.transport.close()
+
+    def abort(self) -> None:
+        """Drop the connection now, sending nothing more (no final dot, no QUIT)."""
+        self._closed_reason = self._closed_reason or "aborted"
+        if self.transport is not None:
+            self.transport.abort()
