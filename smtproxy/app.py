@@ -12,13 +12,14 @@ from smtproxy.config import Config
 from smtproxy.events import EventBus
 from smtproxy.inbound.server import InboundServer
 from smtproxy.outbound.connector import ConnectSettings, Connector
-from smtproxy.outbound.pool import ConnectionPool
+from smtproxy.outbound.pool import ConnectionPool, PoolLimits
 from smtproxy.outbound.server import OutboundServer
 from smtproxy.policy.table import Policies, PolicyTableError
 from smtproxy.routing.mx import make_resolver
 from smtproxy.routing.routes import RouteTable, RouteTableError
 from smtproxy.routing.router import Router
 from smtproxy.tls.client_context import ClientTls
+from smtproxy.tls.session_cache import SessionCache
 from smtproxy.telemetry import logging as log_setup
 from smtproxy.tls.certificates import ensure_certificate
 from smtproxy.tls.server_context import ServerTls
@@ -65,8 +66,11 @@ def build_outbound(config: Config, bus: EventBus) -> OutboundServer | None:
         raise StartupError(f"outbound.tls: cannot load TLS settings: {exc}") from exc
     settings = ConnectSettings(outbound.hostname, outbound.connect_timeout, outbound.handshake_timeout,
                                outbound.reply_timeout)
-    connector = Connector(settings, client_tls, bus)
-    return OutboundServer(outbound, router, policies, connector, ConnectionPool(connector), bus)
+    connector = Connector(settings, client_tls, bus, SessionCache(outbound.tls.session_cache_timeout))
+    limits = PoolLimits(outbound.connection_cache_time_limit, outbound.connection_reuse_time_limit,
+                        outbound.connection_reuse_count_limit, outbound.connection_cache_size,
+                        outbound.connection_cache_destination_size, outbound.reply_timeout)
+    return OutboundServer(outbound, router, policies, connector, ConnectionPool(connector, limits, bus), bus)
 
 
 async def serve(config: Config) -> None:

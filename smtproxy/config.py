@@ -617,6 +617,7 @@ class OutboundTlsConfig:
     ciphers: str = _key(Ciphers(), "")
     client_cert_file: Path | None = _key(FilePath(optional=True, must_exist=True), None)
     client_key_file: Path | None = _key(FilePath(optional=True, must_exist=True), None)
+    session_cache_timeout: int = _key(Integer(0, zero="no session cache"), 3600)
 
     def _validate(self, key: str, ctx: _Context) -> None:
         _check_protocol_range(key, self.min_protocol, self.max_protocol)
@@ -649,6 +650,11 @@ class OutboundConfig:
     drain_timeout: float = _key(Seconds(), 30.0)
     max_connections: int = _key(Integer(1), 100)
     max_message_size: int = _key(Integer(1), 10240000)
+    connection_cache_time_limit: float = _key(Seconds(), 2.0)
+    connection_reuse_time_limit: float = _key(Seconds(), 300.0)
+    connection_reuse_count_limit: int = _key(Integer(0, zero="unlimited"), 0)
+    connection_cache_size: int = _key(Integer(0, zero="no connection cache"), 100)
+    connection_cache_destination_size: int = _key(Integer(1), 10)
     tls: OutboundTlsConfig = _key(Table(OutboundTlsConfig), default_factory=OutboundTlsConfig)
 
     def _validate(self, key: str, ctx: _Context) -> None:

@@ -103,6 +103,13 @@ class MessageRelayed:
     duration: float
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class ConnectionReuse:
+    """An outbound connection was needed: `outcome` is new, reused or stale."""
+
+    outcome: str
+
+
 class EventBus:
     """Synchronous fan-out of fact records to subscribers, keyed by record type."""
 

@@ -23,6 +23,7 @@ from smtproxy.smtp import EhloReply, Reply
 from smtproxy.tls.client_context import ClientTls
 from smtproxy.tls.engine import TlsHandshakeError
 from smtproxy.tls.facts import build_facts
+from smtproxy.tls.session_cache import SessionCache
 from smtproxy.tls.verify import evaluate_server
 
 log = structlog.get_logger("smtproxy.outbound")
@@ -55,6 +56,8 @@ class RemoteSession:
     ehlo: EhloReply
     facts: HandshakeFacts | None
     transactions: int = 0
+    reused: bool = False
+    opened: float = dataclasses.field(default_factory=time.monotonic)
 
     @property
     def peer(self) -> str:
@@ -95,10 +98,19 @@ def nexthop_name(nexthop: str) -> str:
 
 
 class Connector:
-    def __init__(self, settings: ConnectSettings, client_tls: ClientTls, bus: EventBus) -> None:
+    def __init__(self, settings: ConnectSettings, client_tls: ClientTls, bus: EventBus,
+                 sessions: SessionCache) -> None:
         self.settings = settings
         self.client_tls = client_tls
         self.bus = bus
+        self.sessions = sessions
+
+    def remember_session(self, remote: RemoteSession) -> None:
+        """Keep the TLS session of a connection whose handshake met its policy (called
+        after a transaction, when TLS 1.3 tickets have arrived)."""
+        engine = remote.connection.engine
+        if engine is not None and engine.handshake_done and remote.facts is not None and remote.facts.ok:
+            self.sessions.put(_session_key(remote.target, remote.policy), engine.ssl_object.session)
 
     async def connect(self, domain: str, destination: Destination, decision: PolicyDecision) -> RemoteSession:
         policy = decision.policy
@@ -185,11 +197,14 @@ class Connector:
                                         f"{reply.code} {reply.text}", policy=True))
             log.info(f"host {where} refused to start TLS; continuing in plaintext", reply=reply.text)
             return None
-        engine = self.client_tls.new_engine(policy, server_hostname=self._server_name(policy, target, nexthop))
+        session_key = _session_key(target, policy)
+        engine = self.client_tls.new_engine(policy, server_hostname=self._server_name(policy, target, nexthop),
+                                            session=self.sessions.get(session_key))
         started = time.monotonic()
         try:
             await connection.start_tls(engine, self.settings.handshake_timeout)
         except TlsHandshakeError as exc:
+            self.sessions.discard(session_key)
             log.warning(f"SSL_connect error to {where}: {exc.reason}", domain=domain)
             self._publish_failure(domain, target, connection, greeting, exc.failure_type, exc.reason,
                                   duration=time.monotonic() - started)
@@ -207,6 +222,7 @@ class Connector:
                         peer_certificate=verdict.certificate),
             domain=domain, local_addr=self._local_addr(connection), peer_helo=_greeting_name(greeting))
         if verdict.failure is not None:
+            self.sessions.discard(session_key)
             failed = dataclasses.replace(facts, failure_type=verdict.failure.failure_type,
                                          failure_reason=verdict.failure.reason)
             log.warning(f"server certificate verification failed for {where}: {verdict.failure.reason}",
@@ -240,6 +256,10 @@ class Connector:
             direction=Direction.OUTBOUND, peer_name=target.hostname, peer_addr=target.address,
             peer_port=target.port, duration=duration, failure_type=failure_type, failure_reason=reason,
             domain=domain, local_addr=self._local_addr(connection), peer_helo=_greeting_name(greeting)))
+
+
+def _session_key(target: Target, policy: Policy) -> tuple:
+    return (target.hostname.lower(), target.address, target.port, policy)
 
 
 def _greeting_name(greeting: Reply) -> str | None:

@@ -82,7 +82,7 @@ class OutboundServer:
         session_log.info(f"connect from unknown[{peer[0]}]", direction="outbound", original_destination=original)
         session = OutboundSession(self.settings, reader, writer,
                                   lambda domain: self._connect(domain, original, session_log),
-                                  self.pool.release, self.bus, session_log)
+                                  self.pool.release, self.pool.stale, self.bus, session_log)
         try:
             await session.run()
         except asyncio.CancelledError:

@@ -61,6 +61,8 @@ class OutboundSettings:
 Connect = Callable[[str], Awaitable[RemoteSession]]
 # hand a remote session back after a transaction (for reuse, or to close it)
 Release = Callable[[RemoteSession, bool], None]
+# a reused connection failed at its first command: drop it, then try again
+Stale = Callable[[RemoteSession], None]
 
 
 class MtaGone(Exception):
@@ -83,8 +85,9 @@ def filter_params(params: dict[str, str | None], allowed: dict[str, str], remote
 
 class OutboundSession:
     def __init__(self, settings: OutboundSettings, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 connect: Connect, release: Release, bus: EventBus, log) -> None:
+                 connect: Connect, release: Release, stale: Stale, bus: EventBus, log) -> None:
         self.settings = settings
+        self.stale = stale
         self.bus = bus
         self.reader = reader
         self.writer = writer
@@ -220,21 +223,27 @@ class OutboundSession:
     async def _open_transaction(self, domain: str) -> Reply | None:
         """Connect and send MAIL; a refusal to answer every RCPT of this transaction."""
         assert self.mail is not None
-        try:
-            remote = await self.connect(domain)
-        except DeliveryFailure as exc:
-            self.log.warning("delivery deferred", domain=domain, reply=exc.reply.text)
-            return exc.reply
-        sender, params = self.mail
-        if "SMTPUTF8" in params and not remote.ehlo.has("SMTPUTF8"):
-            self.release(remote, True)
-            return Reply.of(553, "5.6.7", f"SMTPUTF8 is required, but was not offered by host {remote.peer}")
-        mail = f"MAIL FROM:<{sender}>" + filter_params(params, _MAIL_PARAMS, remote.ehlo)
-        try:
-            reply = await remote.connection.command(mail, self.settings.reply_timeout)
-        except UpstreamError as exc:
-            remote.connection.abort()
-            return Reply.of(451, "4.4.2", f"lost connection with {remote.peer} while sending MAIL FROM: {exc.reason}")
+        while True:
+            try:
+                remote = await self.connect(domain)
+            except DeliveryFailure as exc:
+                self.log.warning("delivery deferred", domain=domain, reply=exc.reply.text)
+                return exc.reply
+            sender, params = self.mail
+            if "SMTPUTF8" in params and not remote.ehlo.has("SMTPUTF8"):
+                self.release(remote, True)
+                return Reply.of(553, "5.6.7", f"SMTPUTF8 is required, but was not offered by host {remote.peer}")
+            mail = f"MAIL FROM:<{sender}>" + filter_params(params, _MAIL_PARAMS, remote.ehlo)
+            try:
+                reply = await remote.connection.command(mail, self.settings.reply_timeout)
+                break
+            except UpstreamError as exc:
+                if remote.reused:
+                    self.stale(remote)  # closed while cached: the message goes on a new one
+                    continue
+                remote.connection.abort()
+                return Reply.of(451, "4.4.2",
+                                f"lost connection with {remote.peer} while sending MAIL FROM: {exc.reason}")
         if not reply.is_positive_completion:
             self.release(remote, remote.connection.alive and reply.code != 421)
             return reply
