@@ -21,7 +21,6 @@ session verify result, which Postfix relies on, a resumed session keeps that ver
 from __future__ import annotations
 
 import collections
-import ctypes
 import dataclasses
 import hashlib
 import ipaddress
@@ -127,13 +126,6 @@ def _sni(server_hostname: str | None) -> str | None:
     return None
 
 
-def _set_verify_depth(context: ssl.SSLContext, depth: int) -> None:
-    """SSL_CTX_set_verify_depth, which Python's ssl lacks.  TODO(lead): move to openssl_ext."""
-    function = openssl_ext._lib.SSL_CTX_set_verify_depth
-    function.argtypes, function.restype = [ctypes.c_void_p, ctypes.c_int], None
-    function(openssl_ext._ctx_pointer(context), depth)
-
-
 class ClientTls:
     def __init__(self, tls_config: OutboundTlsConfig, ca_file: Path | None) -> None:
         self.config = tls_config
@@ -179,7 +171,7 @@ class ClientTls:
         if settings.verify_depth is not None:
             # Postfix counts the trust anchor (smtp_tls_scert_verifydepth: "1 is sufficient
             # if the issuing CA is listed in a local CA file"); OpenSSL counts intermediates.
-            _set_verify_depth(context, max(settings.verify_depth - 1, 0))
+            openssl_ext.set_verify_depth(context, max(settings.verify_depth - 1, 0))
         if self.config.client_cert_file is not None:
             context.load_cert_chain(self.config.client_cert_file, self.config.client_key_file)
         openssl_ext.accept_and_record_verification(context)

@@ -25,6 +25,8 @@ _SSL_CTRL_SET_SESS_CACHE_SIZE = 42
 _SSL_CTRL_SET_SESS_CACHE_MODE = 44
 _SSL_CTRL_SET_GROUPS_LIST = 92
 _SSL_CTRL_SET_DH_AUTO = 118
+_SSL_CTRL_SET_TLSEXT_TICKET_KEYS = 59
+TICKET_KEYS_LENGTH = 80  # key name 16, HMAC secret 32, AES key 32 (SSL_CTX_set_tlsext_ticket_keys)
 _SSL_SESS_CACHE_OFF = 0
 
 _VERIFY_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_void_p)
@@ -43,6 +45,8 @@ def _load() -> ctypes.CDLL:
     lib.SSL_CTX_set_timeout.restype = ctypes.c_long
     lib.SSL_CTX_set_timeout.argtypes = [ctypes.c_void_p, ctypes.c_long]
     lib.SSL_CTX_set_verify.restype = None
+    lib.SSL_CTX_set_verify_depth.restype = None
+    lib.SSL_CTX_set_verify_depth.argtypes = [ctypes.c_void_p, ctypes.c_int]
     lib.SSL_CTX_set_verify.argtypes = [ctypes.c_void_p, ctypes.c_int, _VERIFY_CALLBACK]
     lib.X509_STORE_CTX_get_error.restype = ctypes.c_int
     lib.X509_STORE_CTX_get_error.argtypes = [ctypes.c_void_p]
@@ -80,6 +84,23 @@ def set_groups(context: ssl.SSLContext, names: tuple[str, ...] | list[str]) -> N
 def set_dh_auto(context: ssl.SSLContext) -> None:
     """Let OpenSSL pick its built-in RFC 7919 group matching the certificate's strength."""
     _check(_lib.SSL_CTX_ctrl(_ctx_pointer(context), _SSL_CTRL_SET_DH_AUTO, 1, None), "SSL_CTX_set_dh_auto failed")
+
+
+def set_ticket_keys(context: ssl.SSLContext, keys: bytes) -> None:
+    """Session-ticket keys (TLS 1.2 tickets and TLS 1.3 resumption): processes that share
+    them resume each other's sessions (SSL_CTX_set_tlsext_ticket_keys)."""
+    if len(keys) != TICKET_KEYS_LENGTH:
+        raise ValueError(f"ticket keys are {TICKET_KEYS_LENGTH} bytes, not {len(keys)}")
+    buffer = ctypes.create_string_buffer(keys, len(keys))
+    _check(
+        _lib.SSL_CTX_ctrl(_ctx_pointer(context), _SSL_CTRL_SET_TLSEXT_TICKET_KEYS, len(keys), buffer),
+        "SSL_CTX_set_tlsext_ticket_keys failed",
+    )
+
+
+def set_verify_depth(context: ssl.SSLContext, depth: int) -> None:
+    """Most intermediate certificates allowed in a chain (SSL_CTX_set_verify_depth)."""
+    _lib.SSL_CTX_set_verify_depth(_ctx_pointer(context), depth)
 
 
 def set_session_cache(context: ssl.SSLContext, size: int, timeout: int) -> None:
