@@ -51,7 +51,7 @@ def xclient_command(addr: str, port: int, helo: str | None = None) -> bytes:
     """XCLIENT telling Postfix the real client; NAME is unknown because we do no rDNS."""
     ip = _unmapped(addr)
     shown = f"IPV6:{ip}" if ip.version == 6 else str(ip)
-    attrs = [f"NAME=[UNAVAILABLE]", f"ADDR={shown}", f"PORT={port}"]
+    attrs = ["NAME=[UNAVAILABLE]", f"ADDR={shown}", f"PORT={port}"]
     if helo:
         attrs.append(f"HELO={_xtext(helo)}")
     return ("XCLIENT " + " ".join(attrs) + "\r\n").encode("ascii")

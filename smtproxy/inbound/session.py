@@ -486,6 +486,8 @@ class InboundSession:
         except PeerProtocolError as exc:
             # Without a size the chunk cannot be framed: nothing sane can follow.
             return self._fail(exc.reply, close_backend=True)
+        # Judged before check(), which moves the expected state to BDAT for a non-LAST chunk.
+        first_chunk = not self._bdat_total and self.smtp.expected_state is not SmtpState.BDAT
         # The proxy's own refusals come first: once check() accepts, the command is pending.
         refusal = None
         if not self._backend_chunking:
@@ -501,7 +503,7 @@ class InboundSession:
             self._start_chunk(size, forward=False)
             return actions + self._feed_chunk(self._reader.take_buffer())
         header = b""
-        if not self._bdat_total and self.smtp.expected_state is not SmtpState.BDAT:
+        if first_chunk:
             header = self._trace_header()
             self._message_started = self._clock()
         self._bdat_total += size

@@ -25,15 +25,26 @@ _VERSIONS = {
 class ServerTls:
     def __init__(self, tls_cfg, certificates) -> None:
         self.config = tls_cfg
-        by_names: dict[tuple[str, ...], list] = {}
-        for chain in certificates:
-            by_names.setdefault(tuple(chain.server_names), []).append(chain)
+        chains = list(certificates)
+        # A name gets every chain that lists it (an ECDSA chain for [a, b] and an RSA chain
+        # for [a] put both key types behind a); chains listing no name are the default.
+        # With no such chain, the chains of the first listed name are the default.
+        by_name: dict[str, list[int]] = {}
+        for index, chain in enumerate(chains):
+            for name in chain.server_names:
+                by_name.setdefault(name, []).append(index)
         self._key_details: dict[int, dict[str, str | None]] = {}
-        contexts = {names: self._context(chains) for names, chains in by_names.items()}
-        default_names = () if () in contexts else next(iter(contexts))
-        self.default_context = contexts[default_names]
+        contexts: dict[tuple[int, ...], ssl.SSLContext] = {}
+
+        def context_for(indices: tuple[int, ...]) -> ssl.SSLContext:
+            if indices not in contexts:
+                contexts[indices] = self._context([chains[i] for i in indices])
+            return contexts[indices]
+
+        default = tuple(i for i, chain in enumerate(chains) if not chain.server_names)
+        self.default_context = context_for(default or tuple(next(iter(by_name.values()))))
         self._by_name: dict[str, ssl.SSLContext] = {
-            name: context for names, context in contexts.items() for name in names
+            name: context_for(tuple(indices)) for name, indices in by_name.items()
         }
         if self._by_name:
             self.default_context.sni_callback = self._select_by_sni

@@ -60,4 +60,6 @@ def received_clause(facts: HandshakeFacts, *, client_cert_requested: bool) -> st
     if cert is None:
         return text + " (Client did not present a certificate)"
     verdict = "verified OK" if facts.peer_trust in ("trusted", "verified") else "not verified"
-    return text + f' (Client CN "{_header_safe(cert.subject_cn)}", Issuer "{_header_safe(cert.issuer_cn)}" ({verdict}))'
+    # Postfix's clause, then what s/qmail-style fingerprint lists need (Postfix has no such clause)
+    return (text + f' (Client CN "{_header_safe(cert.subject_cn)}", Issuer "{_header_safe(cert.issuer_cn)}"'
+            f" ({verdict})) (client-fingerprint SHA256 {cert.sha256_fingerprint})")

@@ -10,9 +10,9 @@ import dataclasses
 import re
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import trustme
@@ -69,6 +69,16 @@ def postfix(tmp_path_factory) -> Iterator[PostfixInstance]:
         yield instance
 
 
+def _chain_config(chain: CertFiles | tuple[CertFiles, list[str]]) -> dict:
+    """One ``[[inbound.certificates]]`` table: a CertFiles (default chain) or
+    ``(CertFiles, server_names)``."""
+    cert, names = (chain, []) if isinstance(chain, CertFiles) else chain
+    table: dict = {"cert_file": str(cert.cert_file), "key_file": str(cert.key_file)}
+    if names:
+        table["server_names"] = list(names)
+    return table
+
+
 @pytest.fixture
 def start_proxy(tmp_path, ecdsa_cert, rsa_cert):
     started: list[SmtproxyProcess] = []
@@ -83,11 +93,12 @@ def start_proxy(tmp_path, ecdsa_cert, rsa_cert):
                 "backend": f"127.0.0.1:{backend_port}",
                 "hostname": HOSTNAME,
                 **inbound,
-                "certificates": [
-                    {"cert_file": str(c.cert_file), "key_file": str(c.key_file)} for c in chains
-                ],
+                "certificates": [_chain_config(c) for c in chains],
                 "tls": tls or {},
             },
+            # Inbound only: the default outbound listener (127.0.0.1:10025) would collide
+            # with every other smtproxy started at the same time.
+            "outbound": {"listen": []},
             "metrics": {"listen": ""},
             "tlsrpt": {"socket": ""},
             "log": {"format": "json", "level": "info"},
@@ -179,6 +190,58 @@ def test_encrypt_per_client_network(postfix, start_proxy):
             assert client.command("MAIL FROM:<a@example.org>").code == expected, source
 
 
+def _keywords(reply) -> list[str]:
+    return [line.split(" ")[0].upper() for line in reply.lines[1:]]
+
+
+@pytest.mark.parametrize("backend_kind", ["postfix", "smtp-sink"])
+def test_ehlo_reply_is_rewritten(request, start_proxy, pki, backend_kind):
+    # Both backends offer XCLIENT to the proxy (Postfix: smtpd_authorized_xclient_hosts),
+    # smtp-sink also XFORWARD and AUTH; none of them is TLS-capable.
+    backend = request.getfixturevalue("postfix" if backend_kind == "postfix" else "smtp_sink")
+    with RawSmtpClient(backend.port) as direct:
+        direct.read_reply()
+        offered = _keywords(direct.ehlo())
+    assert "XCLIENT" in offered and "STARTTLS" not in offered, offered
+    proxy = start_proxy(backend.port)
+    with RawSmtpClient(proxy.port) as client:
+        client.read_reply()
+        before = _keywords(client.ehlo())
+        client.starttls(pki.client_context(), server_hostname=HOSTNAME)
+        after = _keywords(client.ehlo())
+    assert before.count("STARTTLS") == 1 and "STARTTLS" not in after, (before, after)
+    for keywords in (before, after):
+        assert not {"XCLIENT", "XFORWARD"} & set(keywords), keywords
+        for kept in ("PIPELINING", "SIZE", "8BITMIME", "ENHANCEDSTATUSCODES", "DSN"):
+            assert kept in keywords, (kept, keywords)
+    if "AUTH" in offered:  # auth_only_after_tls (default on)
+        assert "AUTH" not in before and "AUTH" in after, (before, after)
+    for optional in ("SMTPUTF8", "CHUNKING"):
+        assert (optional in offered) == (optional in before) == (optional in after), optional
+
+
+def test_bdat_chunks_are_relayed_to_postfix(postfix, start_proxy, pki):
+    proxy = start_proxy(postfix.port)
+    marker = token()
+    first, second = f"Subject: {marker}\r\n\r\nfirst chunk, ".encode(), b"second chunk\r\n.not a dot line\r\n"
+    with RawSmtpClient(proxy.port) as client:
+        client.read_reply()
+        client.ehlo()
+        client.starttls(pki.client_context(), server_hostname=HOSTNAME)
+        assert "CHUNKING" in _keywords(client.ehlo())
+        assert client.command("MAIL FROM:<a@example.org> BODY=8BITMIME").code == 250
+        assert client.command("RCPT TO:<user@example.test>").code == 250
+        client.send(f"BDAT {len(first)}\r\n".encode() + first)
+        assert client.read_reply().code == 250
+        client.send(f"BDAT {len(second)} LAST\r\n".encode() + second)
+        assert client.read_reply().code == 250
+        client.command("QUIT")
+    message = delivered_with(postfix, marker).decode()
+    assert "first chunk, second chunk\n.not a dot line\n" in message, message
+    assert "(using TLSv1.3 with cipher" in message and "with ESMTPS;" in message
+    postfix.wait_for_log(r"disconnect from \S+ ehlo=2 mail=1 rcpt=1 bdat=2 quit=1 commands=7")
+
+
 # ----------------------------------------------------------------------- handshake facts
 
 SERVER_TEMP_KEY = {
@@ -195,17 +258,22 @@ SERVER_TEMP_KEY = {
         (["-tls1_3", "-groups", "X25519", "-sigalgs", "ECDSA+SHA256"], "TLSv1.3", "X25519", "ECDSA (P-256)"),
         (["-tls1_3", "-groups", "P-256", "-sigalgs", "ECDSA+SHA256"], "TLSv1.3", "ECDHE (P-256)", "ECDSA (P-256)"),
         (["-tls1_3", "-groups", "P-384", "-sigalgs", "rsa_pss_rsae_sha256"], "TLSv1.3", "ECDHE (P-384)", "RSA-PSS (2048 bits)"),
+        # TLS 1.2 (RFC 8422): supported_groups also bounds the curve of an ECDSA
+        # certificate, so a P-256 chain needs P-256 listed; X25519 first wins the exchange.
         (["-tls1_2", "-cipher", "ECDHE-ECDSA-AES256-GCM-SHA384", "-groups", "X25519:P-256"], "TLSv1.2", "X25519", "ECDSA (P-256)"),
+        (["-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-GCM-SHA256", "-groups", "P-256"], "TLSv1.2", "ECDHE (P-256)", "ECDSA (P-256)"),
+        (["-tls1_2", "-cipher", "ECDHE-RSA-AES256-GCM-SHA384", "-groups", "X25519"], "TLSv1.2", "X25519", "RSA-PSS (2048 bits)"),
         (["-tls1_2", "-cipher", "ECDHE-RSA-AES128-GCM-SHA256", "-groups", "P-256"], "TLSv1.2", "ECDHE (P-256)", "RSA-PSS (2048 bits)"),
         (["-tls1_2", "-cipher", "DHE-RSA-AES256-GCM-SHA384"], "TLSv1.2", "DHE (2048 bits)", "RSA-PSS (2048 bits)"),
     ],
-    ids=["tls13-x25519", "tls13-p256", "tls13-p384-rsa", "tls12-ecdhe-ecdsa", "tls12-ecdhe-rsa", "tls12-dhe-rsa"],
+    ids=["tls13-x25519", "tls13-p256", "tls13-p384-rsa", "tls12-ecdhe-ecdsa-x25519", "tls12-ecdhe-ecdsa-p256",
+         "tls12-ecdhe-rsa-x25519", "tls12-ecdhe-rsa-p256", "tls12-dhe-rsa"],
 )
 def test_openssl_s_client_facts_match_the_real_handshake(postfix, start_proxy, args, protocol, kex, signature):
     proxy = start_proxy(postfix.port)
     marker = token()
-    session = (f"EHLO client.example\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<user@example.test>\r\n"
-               f"DATA\r\n").encode()
+    session = ("EHLO client.example\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<user@example.test>\r\n"
+               "DATA\r\n").encode()
     body = f"Subject: {marker}\r\n\r\nbody\r\n.\r\nQUIT\r\n".encode()
     # RCPT and DATA need their replies before the body: feed the body after a pause-free
     # pipeline is not allowed, so s_client gets the whole dialogue and the proxy's
@@ -223,6 +291,81 @@ def test_openssl_s_client_facts_match_the_real_handshake(postfix, start_proxy, a
     assert f"key-exchange {kex} server-signature {signature}" in message
 
 
+def _s_client_facts(proxy: Proxy, args: list[str]) -> tuple[subprocess.CompletedProcess[str], str]:
+    """One s_client STARTTLS session (EHLO, QUIT inside TLS); returns its result and our
+    handshake log line for it."""
+    after = len(proxy.process.logs())
+    result = openssl_s_client(proxy.port, args=args, input=b"EHLO client.example\r\nQUIT\r\n")
+    assert "221 " in result.stdout, result.stdout  # the session ran inside TLS to the end
+    record = proxy.process.wait_for_log(lambda r: "TLS connection established" in r["event"], after=after)
+    return result, record["event"]
+
+
+def test_dh_param_file_sets_the_dhe_group(postfix, start_proxy, tmp_path):
+    dh_file = tmp_path / "ffdhe3072.pem"
+    subprocess.run(["openssl", "genpkey", "-genparam", "-algorithm", "DH", "-pkeyopt", "group:ffdhe3072",
+                    "-out", str(dh_file)], check=True, capture_output=True, timeout=30)
+    proxy = start_proxy(postfix.port, tls={"dh_param_file": str(dh_file)})
+    result, line = _s_client_facts(proxy, ["-tls1_2", "-cipher", "DHE-RSA-AES256-GCM-SHA384"])
+    assert "Server Temp Key: DH, 3072 bits" in result.stdout, result.stdout
+    assert " key-exchange DHE (3072 bits) server-signature RSA-PSS (2048 bits) " in line, line
+
+
+def test_configured_groups_decide_the_key_exchange(postfix, start_proxy):
+    # The client offers X25519 first (and sends its key share); the server allows only
+    # P-384: TLS 1.3 needs a HelloRetryRequest, TLS 1.2 simply picks P-384.
+    proxy = start_proxy(postfix.port, tls={"groups": ["P-384"]})
+    for args in (["-tls1_3", "-groups", "X25519:P-384"],
+                 ["-tls1_2", "-cipher", "ECDHE-RSA-AES128-GCM-SHA256", "-groups", "X25519:P-384"]):
+        result, line = _s_client_facts(proxy, args)
+        assert "Server Temp Key: ECDH, secp384r1" in result.stdout, result.stdout
+        assert " key-exchange ECDHE (P-384) " in line, line
+    result = openssl_s_client(proxy.port, args=["-groups", "X25519"], input=b"QUIT\r\n")
+    assert "Server Temp Key" not in result.stdout, result.stdout  # no common group: no handshake
+    proxy.process.wait_for_log(lambda r: r["event"].startswith("SSL_accept error from unknown[127.0.0.1]"))
+
+
+def _subject_cn(s_client_output: str) -> str:
+    return re.search(r"^subject=.*CN = ([^,\s]+)", s_client_output, re.M).group(1)
+
+
+def test_sni_and_key_type_pick_the_certificate_chain(postfix, start_proxy, pki, rsa_cert):
+    a_ecdsa = pki.server_cert("a.example.test")
+    b_ecdsa = pki.server_cert("b.example.test")
+    b_rsa = pki.server_cert("b.example.test", key_type=trustme.KeyType.RSA)
+    proxy = start_proxy(postfix.port, certificates=[
+        rsa_cert,  # the default chain: RSA only
+        (a_ecdsa, ["a.example.test"]),  # ECDSA only
+        (b_ecdsa, ["b.example.test", "*.b.example.test", "a-and-b.example.test"]),
+        (b_rsa, ["b.example.test", "*.b.example.test"]),  # side by side with b_ecdsa
+    ])
+    cases = [
+        (["-noservername"], rsa_cert, "RSA-PSS (2048 bits)"),
+        (["-servername", "unknown.example.test"], rsa_cert, "RSA-PSS (2048 bits)"),
+        (["-servername", "a.example.test"], a_ecdsa, "ECDSA (P-256)"),
+        (["-servername", "A.Example.TEST"], a_ecdsa, "ECDSA (P-256)"),
+        (["-servername", "a-and-b.example.test"], b_ecdsa, "ECDSA (P-256)"),
+        (["-servername", "b.example.test", "-sigalgs", "ECDSA+SHA256"], b_ecdsa, "ECDSA (P-256)"),
+        (["-servername", "b.example.test", "-sigalgs", "rsa_pss_rsae_sha256"], b_rsa, "RSA-PSS (2048 bits)"),
+        (["-servername", "mx1.b.example.test", "-sigalgs", "rsa_pss_rsae_sha256"], b_rsa, "RSA-PSS (2048 bits)"),
+        (["-servername", "mx1.b.example.test", "-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-GCM-SHA256"],
+         b_ecdsa, "ECDSA (P-256)"),
+        (["-servername", "b.example.test", "-tls1_2", "-cipher", "ECDHE-RSA-AES128-GCM-SHA256"],
+         b_rsa, "RSA-PSS (2048 bits)"),
+    ]
+    expected_cn = {rsa_cert.fingerprint: HOSTNAME, a_ecdsa.fingerprint: "a.example.test",
+                   b_ecdsa.fingerprint: "b.example.test", b_rsa.fingerprint: "b.example.test"}
+    for args, chain, signature in cases:
+        result, line = _s_client_facts(proxy, args)
+        assert Pki.fingerprint_of_pem(result.stdout) == chain.fingerprint, (args, chain.cert_file.name, result.stdout)
+        assert _subject_cn(result.stdout) == expected_cn[chain.fingerprint], (args, result.stdout)
+        # The log names the key of the chain SNI chose (its detail comes from that chain).
+        assert f" server-signature {signature} server-digest " in line, (args, line)
+    # A client that can verify only ECDSA gets no RSA-only default chain.
+    result = openssl_s_client(proxy.port, args=["-noservername", "-sigalgs", "ECDSA+SHA256"], input=b"QUIT\r\n")
+    assert "BEGIN CERTIFICATE" not in result.stdout, result.stdout
+
+
 def test_posttls_finger_resumes_and_our_log_says_resumed(postfix, start_proxy):
     proxy = start_proxy(postfix.port)
     result = posttls_finger(proxy.port, "-c", "-l", "may", "-r", "1")
@@ -233,6 +376,29 @@ def test_posttls_finger_resumes_and_our_log_says_resumed(postfix, start_proxy):
     assert records["resumed"] is True
     first = proxy.handshakes()[0]
     assert first["resumed"] is False
+
+
+@pytest.mark.parametrize(
+    "args, tls",
+    [
+        (["-tls1_2", "-no_ticket"], {}),  # server-side session cache (session IDs)
+        (["-tls1_2"], {"session_cache_size": 0}),  # RFC 5077 ticket, no cache needed
+        (["-tls1_3"], {}),  # TLS 1.3 ticket
+        (["-tls1_3", "-servername", "b.example.test"], {}),  # on a chain chosen by SNI
+    ],
+    ids=["tls12-session-cache", "tls12-ticket", "tls13-ticket", "tls13-ticket-sni"],
+)
+def test_openssl_resumes_and_our_log_says_resumed(postfix, start_proxy, pki, ecdsa_cert, tmp_path, args, tls):
+    sni_chain = pki.server_cert("b.example.test")
+    proxy = start_proxy(postfix.port, tls=tls, certificates=[ecdsa_cert, (sni_chain, ["b.example.test"])])
+    session_file = tmp_path / "session.pem"
+    first = openssl_s_client(proxy.port, args=[*args, "-sess_out", str(session_file)], input=b"QUIT\r\n")
+    assert "221 " in first.stdout and session_file.exists(), first.stdout
+    second = openssl_s_client(proxy.port, args=[*args, "-sess_in", str(session_file)], input=b"QUIT\r\n")
+    assert "\nReused, TLSv1." in second.stdout, second.stdout
+    resumed = proxy.process.wait_for_log(lambda r: "TLS connection established" in r["event"] and r["resumed"])
+    assert [r["resumed"] for r in proxy.handshakes()] == [False, True]
+    assert "server-signature" not in resumed["event"]  # nothing was signed this time
 
 
 # ----------------------------------------------------------------------- STARTTLS injection
@@ -246,7 +412,7 @@ def test_plaintext_pipelined_after_starttls_never_reaches_the_backend(postfix, s
         client.read_reply()
         client.ehlo()
         client.starttls(pki.client_context(), server_hostname=HOSTNAME, command=b"STARTTLS\r\n" + injected)
-        assert client.command(f"RCPT TO:<user@example.test>").code == 503  # nothing survived
+        assert client.command("RCPT TO:<user@example.test>").code == 503  # nothing survived
         assert client.ehlo().code == 250
         assert client.command("MAIL FROM:<good@example.org>").code == 250
         assert client.command("RCPT TO:<user@example.test>").code == 250
@@ -323,6 +489,32 @@ def test_required_client_certificate(postfix, start_proxy, pki, tmp_path):
             assert "<~  250 2.0.0" not in result.stdout and "queued" not in result.stdout
 
 
+def test_asked_client_certificate_is_optional_and_named_in_the_trace_header(postfix, start_proxy, pki, tmp_path):
+    stranger = Pki(tmp_path / "other").client_cert("stranger.example.test")
+    proxy = start_proxy(postfix.port, tls={"client_certificate": "ask", "client_ca_file": str(pki.ca_file)})
+    cases = [
+        (None, "(Client did not present a certificate)", "Anonymous"),
+        (pki.client_cert("known.example.test"), '(Client CN "known.example.test", Issuer "', "Trusted"),
+        (stranger, '(Client CN "stranger.example.test", Issuer "', "Untrusted"),
+    ]
+    for cert, clause, trust in cases:
+        marker = token()
+        after = len(proxy.process.logs())
+        result = run_swaks("--server", f"127.0.0.1:{proxy.port}", "--tls", "--to", "user@example.test",
+                           "--header", f"Subject: {marker}", *_client_cert_args(cert))
+        assert result.returncode == 0, result.stdout  # "ask" never refuses
+        message = delivered_with(postfix, marker).decode()
+        assert clause in message, message
+        if cert is not None:
+            assert ("(verified OK)" in message) == (trust == "Trusted"), message
+            assert f"(client-fingerprint SHA256 {cert.fingerprint})" in message.replace("\n\t", " "), message
+        line = proxy.process.wait_for_log(lambda r: "TLS connection established" in r["event"], after=after)
+        assert line["event"].startswith(f"{trust} TLS connection established from unknown[127.0.0.1]: "), line
+        # The client's CertificateVerify, read from the handshake (trustme keys: ECDSA P-256).
+        signed = " client-signature ECDSA (P-256) client-digest SHA256" in line["event"]
+        assert signed == (cert is not None), line
+
+
 # ----------------------------------------------------------------------- bad input
 
 
@@ -356,6 +548,40 @@ def test_idle_client_is_closed_after_the_idle_timeout(postfix, start_proxy):
         reply = client.read_reply(timeout=10)
         assert reply.code == 421 and reply.lines[0].startswith("4.4.2")
         client.expect_close()
+    proxy.process.wait_for_log(lambda r: r["event"] == "timeout after idle from unknown[127.0.0.1]")
+
+
+def test_client_idle_in_the_middle_of_data_gets_421_and_nothing_is_delivered(tmp_path, start_proxy):
+    with PostfixInstance(tmp_path / "stalled") as backend:  # its own log: this test's alone
+        proxy = start_proxy(backend.port, idle_timeout=1)
+        with RawSmtpClient(proxy.port) as client:
+            _start_message(client)
+            client.send(b"Subject: half a message\r\n\r\nand then nothing")
+            reply = client.read_reply(timeout=10)
+            assert reply.code == 421 and reply.lines[0].startswith("4.4.2"), reply
+            client.expect_close()
+        # The backend lost the connection without ever seeing an end-of-data.
+        backend.wait_for_log(r"lost connection after DATA")
+        proxy.process.wait_for_log(lambda r: r["event"] == "message relayed" and r["result"] == "deferred")
+        assert backend.messages() == []
+
+
+@pytest.mark.parametrize("implicit", [False, True], ids=["starttls", "implicit-tls"])
+def test_silent_client_is_closed_after_the_handshake_timeout(postfix, start_proxy, implicit):
+    # The idle timeout is far longer than the client waits: only the handshake timer can close.
+    proxy = start_proxy(postfix.port, handshake_timeout=1, idle_timeout=120)
+    with RawSmtpClient(proxy.tls_port if implicit else proxy.port) as client:
+        if not implicit:
+            assert client.read_reply().code == 220
+            client.ehlo()
+            client.send(b"STARTTLS\r\n")
+            assert client.read_reply().code == 220
+        # ... and then no ClientHello.
+        assert client.expect_close(timeout=15) == b""
+    proxy.process.wait_for_log(
+        lambda r: r["event"] == "SSL_accept error from unknown[127.0.0.1]: handshake_timeout")
+    end = proxy.process.wait_for_log(lambda r: r["event"] == "disconnect from unknown[127.0.0.1]")
+    assert end["tls"] is False and end["messages"] == 0
 
 
 def test_bare_lf_in_data_is_rejected_and_nothing_delivered(postfix, start_proxy):
@@ -391,6 +617,145 @@ def test_per_client_connection_limit(postfix, start_proxy):
     finally:
         for client in clients:
             client.close()
+
+
+def test_global_connection_limit(postfix, start_proxy):
+    proxy = start_proxy(postfix.port, max_connections=2, max_connections_per_client=0)
+    first, second = RawSmtpClient(proxy.port, source="127.0.0.11"), RawSmtpClient(proxy.port, source="127.0.0.12")
+    try:
+        assert first.read_reply().code == 220 and second.read_reply().code == 220
+        # A third client, from yet another address: the limit is global, not per client.
+        with RawSmtpClient(proxy.port, source="127.0.0.13") as third:
+            reply = third.read_reply()
+            assert reply.code == 421 and reply.lines[0].startswith("4.7.0"), reply
+            assert third.expect_close() == b""
+        # The implicit-TLS listener shares the limit (and says nothing in plaintext).
+        with RawSmtpClient(proxy.tls_port, source="127.0.0.13") as fourth:
+            assert fourth.expect_close() == b""
+        def refusals() -> list[dict]:
+            return [r for r in proxy.process.logs() if r["event"] == "connection refused"]
+
+        wait_until(lambda: len(refusals()) >= 2, 10, "two 'connection refused' lines")
+        assert len(refusals()) == 2, refusals()
+        # A slot frees when a session ends.
+        first.close()
+        proxy.process.wait_for_log(lambda r: r["event"] == "disconnect from unknown[127.0.0.11]")
+        with RawSmtpClient(proxy.port, source="127.0.0.13") as fifth:
+            assert fifth.read_reply().code == 220
+            assert fifth.command("QUIT").code == 221
+    finally:
+        first.close()
+        second.close()
+
+
+def _message_of(size: int, subject: str) -> bytes:
+    """A message of exactly `size` bytes (CRLF line ends, no line starting with a dot)."""
+    head = f"Subject: {subject}\r\n\r\n".encode()
+    body = b""
+    while len(head) + len(body) + 72 <= size:
+        body += b"x" * 70 + b"\r\n"
+    rest = size - len(head) - len(body)
+    assert rest >= 2, "size too small for the subject"
+    body += b"y" * (rest - 2) + b"\r\n"
+    message = head + body
+    assert len(message) == size
+    return message
+
+
+def test_max_message_size_is_advertised_and_enforced(tmp_path, start_proxy):
+    limit = 5000
+    with PostfixInstance(tmp_path / "size") as backend:  # its own log: this test's alone
+        proxy = start_proxy(backend.port, max_message_size=limit)
+        at_limit, over_bdat, over_data = token(), token(), token()
+        with RawSmtpClient(proxy.port) as client:
+            client.read_reply()
+            extensions = client.ehlo().lines[1:]
+            assert f"SIZE {limit}" in extensions, extensions  # ours, not Postfix's 10240000
+            # Declared too big: refused before anything reaches the backend.
+            reply = client.command(f"MAIL FROM:<a@example.org> SIZE={limit + 1}")
+            assert reply.code == 552 and reply.lines[0].startswith("5.3.4"), reply
+            # Exactly at the limit: delivered.
+            assert client.command(f"MAIL FROM:<a@example.org> SIZE={limit}").code == 250
+            assert client.command("RCPT TO:<user@example.test>").code == 250
+            assert client.command("DATA").code == 354
+            client.send(_message_of(limit, at_limit) + b".\r\n")
+            assert client.read_reply().code == 250
+            # BDAT beyond the limit: refused, the chunk swallowed, the session goes on.
+            assert "CHUNKING" in extensions
+            assert client.command("MAIL FROM:<a@example.org>").code == 250
+            assert client.command("RCPT TO:<user@example.test>").code == 250
+            client.send(f"BDAT {limit + 1} LAST\r\n".encode() + _message_of(limit + 1, over_bdat))
+            reply = client.read_reply()
+            assert reply.code == 552 and reply.lines[0].startswith("5.3.4"), reply
+            assert client.command("RSET").code == 250
+            assert client.command("QUIT").code == 221
+        # Undeclared, and really bigger than the limit: 552 at the end of DATA, and the
+        # backend is cut off before the final dot.
+        with RawSmtpClient(proxy.port) as client:
+            _start_message(client)
+            client.send(_message_of(limit + 1, over_data) + b".\r\n")
+            reply = client.read_reply()
+            assert reply.code == 552 and reply.lines[0].startswith("5.3.4"), reply
+            client.expect_close()
+        backend.wait_for_log(r"lost connection after DATA")
+        proxy.process.wait_for_log(lambda r: r["event"] == "message relayed" and r["result"] == "rejected")
+        delivered = backend.wait_for_messages(1)
+        assert len(delivered) == 1 and at_limit.encode() in delivered[0], delivered
+        # Postfix saw the refused MAIL and the BDAT never: one MAIL accepted per message.
+        backend.wait_for_log(r"disconnect from \S+ ehlo=1 mail=2 rcpt=2 data=1 rset=1 quit=1 commands=8")
+
+
+def test_one_log_line_at_the_start_and_the_end_of_each_session(postfix, start_proxy, pki):
+    proxy = start_proxy(postfix.port)
+    messages = [f"Subject: {token()}\r\n\r\nfirst\r\n".encode(),
+                f"Subject: {token()}\r\n\r\nthe second, longer\r\n".encode()]
+
+    def session_lines(source: str) -> tuple[dict, dict]:
+        end = proxy.process.wait_for_log(lambda r: r["event"] == f"disconnect from unknown[{source}]")
+        starts = [r for r in proxy.process.logs() if r["event"] == f"connect from unknown[{source}]"]
+        ends = [r for r in proxy.process.logs() if r["event"] == f"disconnect from unknown[{source}]"]
+        assert len(starts) == 1 and len(ends) == 1, (starts, ends)
+        assert starts[0]["session"] == end["session"]
+        assert starts[0]["client"] == end["client"] == f"unknown[{source}]"
+        return starts[0], end
+
+    started = time.monotonic()
+    with RawSmtpClient(proxy.port, source="127.0.0.21") as client:  # STARTTLS, two messages
+        local_port = client.sock.getsockname()[1]
+        client.read_reply()
+        client.ehlo()
+        client.starttls(pki.client_context(), server_hostname=HOSTNAME)
+        client.ehlo()
+        for message in messages:
+            assert client.command("MAIL FROM:<a@example.org>").code == 250
+            assert client.command("RCPT TO:<user@example.test>").code == 250
+            assert client.command("DATA").code == 354
+            client.send(message + b".\r\n")
+            assert client.read_reply().code == 250
+        client.command("QUIT")
+    start, end = session_lines("127.0.0.21")
+    elapsed = time.monotonic() - started
+    assert start["port"] == local_port and start["listener"] == f"127.0.0.1:{proxy.port}"
+    assert start["implicit_tls"] is False
+    assert end["tls"] is True and end["messages"] == 2
+    assert end["bytes"] == sum(len(m) for m in messages)
+    assert 0 < end["duration"] <= elapsed + 0.0005  # logged rounded to the millisecond
+
+    with RawSmtpClient(proxy.port, source="127.0.0.22") as client:  # plaintext, one refused
+        client.read_reply()
+        client.ehlo()
+        assert client.command("MAIL FROM:<a@example.org>").code == 250
+        assert client.command("RCPT TO:<user@elsewhere.example>").code == 554  # relay denied
+        client.command("QUIT")
+    start, end = session_lines("127.0.0.22")
+    assert end["tls"] is False and end["messages"] == 0 and end["bytes"] == 0
+
+    result = run_swaks("--server", f"127.0.0.1:{proxy.tls_port}", "--tls-on-connect", "--local-interface",
+                       "127.0.0.23", "--to", "user@example.test", "--header", f"Subject: {token()}")
+    assert result.returncode == 0, result.stdout
+    start, end = session_lines("127.0.0.23")
+    assert start["implicit_tls"] is True and start["listener"] == f"127.0.0.1:{proxy.tls_port}"
+    assert end["tls"] is True and end["messages"] == 1 and end["bytes"] > 0
 
 
 # ----------------------------------------------------------------------- backend failures

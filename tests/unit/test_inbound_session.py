@@ -269,6 +269,21 @@ def test_bdat_is_framed_by_count_and_carries_the_trace_header():
     assert [a.result for a in actions if isinstance(a, MessageFinished)] == ["accepted"]
 
 
+def test_trace_header_goes_into_the_first_of_several_bdat_chunks():
+    session = ehloed(client_identity="received-header")
+    session.client_data(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.test>\r\n")
+    session.backend_data(b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n")
+    first = to_backend(session.client_data(b"BDAT 6\r\nhello "))
+    line, rest = first.split(b"\r\n", 1)
+    assert rest.startswith(b"Received: from client.example (unknown [192.0.2.7])\r\n"), first
+    assert line == f"BDAT {len(rest)}".encode() and rest.endswith(b"hello ")
+    session.backend_data(b"250 2.0.0 Ok\r\n")
+    second = to_backend(session.client_data(b"BDAT 7 LAST\r\nworld\r\n"))
+    assert second == b"BDAT 7 LAST\r\nworld\r\n"  # one header per message, not per chunk
+    actions = session.backend_data(b"250 2.0.0 Ok: queued\r\n")
+    assert [(a.result, a.size) for a in actions if isinstance(a, MessageFinished)] == [("accepted", 13)]
+
+
 @pytest.mark.parametrize("read_size", [1, 16, 128, 4096])
 def test_same_backend_stream_at_every_read_size(read_size):
     stream = (
@@ -298,3 +313,26 @@ def test_bdat_refused_locally_swallows_its_chunk_and_leaves_no_phantom_pending()
     actions = session.client_data(b"DATA\r\n")
     assert to_backend(actions) == b"DATA\r\n"
     assert to_client(session.backend_data(b"354 go\r\n")) == b"354 go\r\n"
+
+
+def test_data_is_streamed_to_the_backend_before_the_final_dot():
+    session = ehloed()
+    line = b"x" * 998 + b"\r\n"
+    sent, _ = _deliver(session, b"Subject: big\r\n\r\n")
+    total = len(sent)  # (a trailing CRLF is held back: it might begin the end-of-data)
+    for _ in range(200):  # 200 kB in, never a final dot: every complete line already left
+        forwarded = to_backend(session.client_data(line))
+        total += len(forwarded)
+        assert forwarded, "a complete line was held back"
+        assert not session.input_blocked
+    assert total >= len(b"Subject: big\r\n\r\n") + 199 * len(line)
+    assert to_backend(session.client_data(b".\r\n")).endswith(b"\r\n.\r\n")
+
+
+def test_bdat_chunk_is_streamed_before_it_is_complete():
+    session = ehloed()
+    session.client_data(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.test>\r\n")
+    session.backend_data(b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n")
+    sent = to_backend(session.client_data(b"BDAT 100000 LAST\r\n" + b"y" * 40000))
+    assert sent.startswith(b"BDAT 100000 LAST\r\n") and sent.endswith(b"y" * 40000)
+    assert to_backend(session.client_data(b"y" * 60000)) == b"y" * 60000
