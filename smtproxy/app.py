@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from collections.abc import Callable
 
 import structlog
 import uvloop
 
 from smtproxy.config import Config
-from smtproxy.events import EventBus
+from smtproxy.events import Direction, EventBus
 from smtproxy.inbound.server import InboundServer
 from smtproxy.outbound.connector import ConnectSettings, Connector
 from smtproxy.outbound.pool import ConnectionPool, PoolLimits
@@ -21,6 +22,9 @@ from smtproxy.routing.router import Router
 from smtproxy.tls.client_context import ClientTls
 from smtproxy.tls.session_cache import SessionCache
 from smtproxy.telemetry import logging as log_setup
+from smtproxy.telemetry import tlsrpt
+from smtproxy.telemetry.http import MetricsServer, Readiness
+from smtproxy.telemetry.metrics import Metrics
 from smtproxy.tls.certificates import ensure_certificate
 from smtproxy.tls.server_context import ServerTls
 
@@ -73,11 +77,35 @@ def build_outbound(config: Config, bus: EventBus) -> OutboundServer | None:
     return OutboundServer(outbound, router, policies, connector, ConnectionPool(connector, limits, bus), bus)
 
 
+async def start_metrics(config: Config, metrics: Metrics, inbound: InboundServer, outbound: OutboundServer | None,
+                        listening: Callable[[], bool]) -> MetricsServer | None:
+    """Gauges read the servers' live state; /readyz also wants the backend to accept a connection."""
+    metrics.watch_connections(Direction.INBOUND, lambda: len(inbound.connections))
+    if outbound is not None:
+        metrics.watch_connections(Direction.OUTBOUND, lambda: len(outbound.sessions))
+        metrics.watch_caches(lambda: outbound.pool.idle_connections, lambda: len(outbound.connector.sessions))
+    if config.metrics.listen is None:
+        return None
+    backend = config.inbound.backend if config.inbound.listen or config.inbound.implicit_tls_listen else None
+    readiness = Readiness(listening, backend, config.inbound.backend_connect_timeout)
+    if backend is not None:
+        metrics.watch_backend(lambda: readiness.backend_up)
+    server = MetricsServer(metrics.registry, readiness)
+    try:
+        await server.start(config.metrics.listen)
+    except OSError as exc:
+        raise StartupError(f"metrics.listen: cannot bind: {exc}") from exc
+    return server
+
+
 async def serve(config: Config) -> None:
     bus = EventBus()
     log_setup.subscribe(bus)
+    metrics = Metrics()
+    metrics.subscribe(bus)
     inbound = InboundServer(config.inbound, build_server_tls(config), bus)
     outbound = build_outbound(config, bus)
+    reporter = tlsrpt.subscribe(bus, config.tlsrpt, make_resolver(config.dns).dns_resolver) if outbound else None
     try:
         listeners = await inbound.start()
     except OSError as exc:
@@ -92,6 +120,9 @@ async def serve(config: Config) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    metrics_server = await start_metrics(config, metrics, inbound, outbound, lambda: not stop.is_set())
+    if metrics_server is not None:
+        listeners.append(f"{config.metrics.listen} (metrics)")
     log.info("smtproxy ready", listeners=listeners, backend=str(config.inbound.backend))
     await stop.wait()
 
@@ -104,6 +135,10 @@ async def serve(config: Config) -> None:
                              outbound.drain(config.outbound.drain_timeout))
     else:
         await inbound.drain(config.inbound.drain_timeout)
+    if metrics_server is not None:
+        metrics_server.close()
+    if reporter is not None:
+        await reporter.close(timeout=5.0)
     log.info("smtproxy stopped")
 
 

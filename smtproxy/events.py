@@ -71,6 +71,7 @@ class HandshakeFacts:
     domain: str | None = None  # the recipient domain (the policy domain)
     local_addr: str | None = None  # sending-mta-ip
     peer_helo: str | None = None  # the name in the remote's greeting (receiving-mx-helo)
+    policy_level: str | None = None  # the TLS security level the attempt was made under
 
     @property
     def ok(self) -> bool:
@@ -108,6 +109,32 @@ class ConnectionReuse:
     """An outbound connection was needed: `outcome` is new, reused or stale."""
 
     outcome: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PolicyApplied:
+    """The outbound TLS policy of one transaction and what came of it.
+
+    `source` is `PolicyDecision.source` as logged; `outcome` is tls, plaintext (only
+    where the level allows it) or deferred (no connection meeting the policy)."""
+
+    level: str
+    source: str
+    outcome: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TlsrptEventSent:
+    """One TLSRPT result handed to tlsrpt-collectd: `result` success or failure,
+    `result_type` an RFC 8460 result type ("" for success)."""
+
+    result: str
+    result_type: str = ""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TlsrptEventDropped:
+    """One TLSRPT result lost: the collector socket was missing or would have blocked."""
 
 
 class EventBus:

@@ -58,6 +58,7 @@ class RemoteSession:
     transactions: int = 0
     reused: bool = False
     opened: float = dataclasses.field(default_factory=time.monotonic)
+    cache_key: tuple | None = None  # set by the connection pool while the session is out
 
     @property
     def peer(self) -> str:
@@ -162,7 +163,7 @@ class Connector:
                     if facts is not None:
                         ehlo = await self._ehlo(connection, where, policy)
                 elif policy.level.tls_required:
-                    self._publish_failure(domain, target, connection, greeting,
+                    self._publish_failure(domain, target, connection, greeting, policy,
                                           "starttls-not-supported", "starttls_not_offered")
                     raise _TryNext(_Failure(f"TLS is required, but was not offered by host {where}", policy=True))
             return RemoteSession(connection, target, nexthop, policy, ehlo, facts)
@@ -190,7 +191,7 @@ class Connector:
         where = f"{target.hostname}[{target.address}]:{target.port}"
         reply = await connection.command("STARTTLS", self.settings.reply_timeout)
         if reply.code != 220:
-            self._publish_failure(domain, target, connection, greeting, "starttls-not-supported",
+            self._publish_failure(domain, target, connection, greeting, policy, "starttls-not-supported",
                                   f"starttls_refused_{reply.code}")
             if policy.level.tls_required:
                 raise _TryNext(_Failure(f"TLS is required, but host {where} refused to start TLS: "
@@ -206,7 +207,7 @@ class Connector:
         except TlsHandshakeError as exc:
             self.sessions.discard(session_key)
             log.warning(f"SSL_connect error to {where}: {exc.reason}", domain=domain)
-            self._publish_failure(domain, target, connection, greeting, exc.failure_type, exc.reason,
+            self._publish_failure(domain, target, connection, greeting, policy, exc.failure_type, exc.reason,
                                   duration=time.monotonic() - started)
             if policy.level.tls_required:
                 raise _TryNext(_Failure(f"TLS handshake with {where} failed: {exc.reason}", policy=True)) from None
@@ -220,7 +221,8 @@ class Connector:
                         peer_addr=target.address, peer_port=target.port,
                         duration=time.monotonic() - started, peer_trust=verdict.trust,
                         peer_certificate=verdict.certificate),
-            domain=domain, local_addr=self._local_addr(connection), peer_helo=_greeting_name(greeting))
+            domain=domain, local_addr=self._local_addr(connection), peer_helo=_greeting_name(greeting),
+            policy_level=str(policy.level))
         if verdict.failure is not None:
             self.sessions.discard(session_key)
             failed = dataclasses.replace(facts, failure_type=verdict.failure.failure_type,
@@ -251,11 +253,12 @@ class Connector:
         return sockname[0] if sockname else None
 
     def _publish_failure(self, domain: str, target: Target, connection: UpstreamConnection, greeting: Reply,
-                         failure_type: str, reason: str, duration: float = 0.0) -> None:
+                         policy: Policy, failure_type: str, reason: str, duration: float = 0.0) -> None:
         self.bus.publish(HandshakeFacts(
             direction=Direction.OUTBOUND, peer_name=target.hostname, peer_addr=target.address,
             peer_port=target.port, duration=duration, failure_type=failure_type, failure_reason=reason,
-            domain=domain, local_addr=self._local_addr(connection), peer_helo=_greeting_name(greeting)))
+            domain=domain, local_addr=self._local_addr(connection), peer_helo=_greeting_name(greeting),
+            policy_level=str(policy.level)))
 
 
 def _session_key(target: Target, policy: Policy) -> tuple:

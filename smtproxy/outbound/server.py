@@ -14,7 +14,7 @@ import time
 import structlog
 
 from smtproxy.config import OutboundConfig
-from smtproxy.events import Direction, EventBus, SessionEnded
+from smtproxy.events import Direction, EventBus, PolicyApplied, SessionEnded
 from smtproxy.outbound.connector import Connector, DeliveryFailure, RemoteSession
 from smtproxy.outbound.original_dst import original_destination
 from smtproxy.outbound.pool import ConnectionPool
@@ -120,9 +120,15 @@ class OutboundServer:
                 session_log.warning("routing failed", domain=domain, reason=exc.reason)
                 raise DeliveryFailure(exc.reply) from None
         decision = self.policies.decide(destination.nexthop if self.config.mode == "relay" else domain)
-        session_log.info("policy", domain=domain, nexthop=destination.nexthop, level=str(decision.policy.level),
-                         source=decision.source)
-        return await self.pool.acquire(domain, destination, decision)
+        level = str(decision.policy.level)
+        session_log.info("policy", domain=domain, nexthop=destination.nexthop, policy_level=level, source=decision.source)
+        try:
+            remote = await self.pool.acquire(domain, destination, decision)
+        except DeliveryFailure:
+            self.bus.publish(PolicyApplied(level, decision.source, "deferred"))
+            raise
+        self.bus.publish(PolicyApplied(level, decision.source, "tls" if remote.facts else "plaintext"))
+        return remote
 
     async def _transparent_destination(self, domain: str, original: tuple[str, int] | None) -> Destination:
         """The original destination, named by the MX host that has its address if DNS knows one."""
@@ -136,4 +142,4 @@ class OutboundServer:
             routed = None
         if routed is not None:
             hostname = next((t.hostname for t in routed.targets if t.address == address), address)
-        return Destination(domain, (Target(hostname, address, port, None),))
+        return Destination(domain, (Target(hostname, address, port, None),), pinned=(address, port))
