@@ -1,7 +1,8 @@
 """The outbound connection cache: one TCP+TLS connection carries a burst of messages.
 
 After a transaction the connection gets RSET and waits, idle, for the next transaction to
-the same nexthop under the identical policy (DESIGN.md invariant 5) — from any legacy-MTA
+the same nexthop (and, in transparent mode, the same address the MTA chose) under the
+identical policy (DESIGN.md invariant 5) — from any legacy-MTA
 connection.  Limits follow Postfix's smtp connection cache: idle time in the cache, age
 since the connection was opened, transactions per connection, and the number of idle
 connections in total and per destination.  A cached connection that turns out dead is
@@ -20,7 +21,7 @@ import structlog
 from smtproxy.events import ConnectionReuse, EventBus
 from smtproxy.outbound.connector import Connector, RemoteSession
 from smtproxy.outbound.upstream import UpstreamError
-from smtproxy.policy.levels import Policy, PolicyDecision
+from smtproxy.policy.levels import PolicyDecision
 from smtproxy.routing.router import Destination
 
 log = structlog.get_logger("smtproxy.outbound")
@@ -47,8 +48,7 @@ class ConnectionPool:
         self.connector = connector
         self.limits = limits
         self.bus = bus
-        self._idle: dict[tuple[str, Policy], collections.deque[_Parked]] = {}
-        self._keys: dict[int, tuple[str, Policy]] = {}  # id(remote) -> its cache key
+        self._idle: dict[tuple, collections.deque[_Parked]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
     @property
@@ -56,22 +56,22 @@ class ConnectionPool:
         return sum(len(queue) for queue in self._idle.values())
 
     async def acquire(self, domain: str, destination: Destination, decision: PolicyDecision) -> RemoteSession:
-        key = (destination.nexthop.lower(), decision.policy)
+        key = (destination.nexthop.lower(), destination.pinned, decision.policy)
         remote = self._take(key) if decision.policy.connection_reuse else None
         if remote is None:
             remote = await self.connector.connect(domain, destination, decision)
             self.bus.publish(ConnectionReuse("new"))
-        self._keys[id(remote)] = key
+        remote.cache_key = key
         return remote
 
     def stale(self, remote: RemoteSession) -> None:
         """A reused connection failed at its first command: count it and drop it."""
-        self._keys.pop(id(remote), None)
+        remote.cache_key = None
         remote.connection.abort()
         log.info(f"cached connection to {remote.peer} was stale", stale=True)
         self.bus.publish(ConnectionReuse("stale"))
 
-    def _take(self, key: tuple[str, Policy]) -> RemoteSession | None:
+    def _take(self, key: tuple) -> RemoteSession | None:
         queue = self._idle.get(key)
         while queue:
             parked = queue.pop()
@@ -102,7 +102,7 @@ class ConnectionPool:
         """The transaction is over: park the connection after RSET, or say goodbye.
 
         The legacy MTA's reply is never delayed by either."""
-        key = self._keys.pop(id(remote), None)
+        key, remote.cache_key = remote.cache_key, None
         remote.transactions += 1
         self.connector.remember_session(remote)
         if not reusable or key is None or not self._may_park(remote, key):
@@ -110,15 +110,15 @@ class ConnectionPool:
             return
         self._spawn(self._reset_and_park(remote, key))
 
-    def _may_park(self, remote: RemoteSession, key: tuple[str, Policy]) -> bool:
+    def _may_park(self, remote: RemoteSession, key: tuple) -> bool:
         limits = self.limits
-        if not key[1].connection_reuse or limits.total == 0 or not remote.connection.alive:
+        if not key[2].connection_reuse or limits.total == 0 or not remote.connection.alive:
             return False
         if limits.reuse_count and remote.transactions >= limits.reuse_count:
             return False
         return time.monotonic() - remote.opened < limits.reuse_time
 
-    async def _reset_and_park(self, remote: RemoteSession, key: tuple[str, Policy]) -> None:
+    async def _reset_and_park(self, remote: RemoteSession, key: tuple) -> None:
         try:
             reply = await remote.connection.command("RSET", self.limits.reply_timeout)
         except UpstreamError:
@@ -138,7 +138,7 @@ class ConnectionPool:
         timer = asyncio.get_running_loop().call_later(self.limits.idle_time, self._expire, key, remote)
         queue.append(_Parked(remote, timer))
 
-    def _expire(self, key: tuple[str, Policy], remote: RemoteSession) -> None:
+    def _expire(self, key: tuple, remote: RemoteSession) -> None:
         queue = self._idle.get(key)
         if not queue:
             return

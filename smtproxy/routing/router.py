@@ -29,10 +29,12 @@ class Target:
 @dataclasses.dataclass(frozen=True, slots=True)
 class Destination:
     """`nexthop`: the route's nexthop as written, or the domain; the policy key.
-    `targets`: in the order they must be tried."""
+    `targets`: in the order they must be tried.  `pinned`: the one address and port the
+    legacy MTA itself chose (transparent mode); connections are cached per pinned address."""
 
     nexthop: str
     targets: tuple[Target, ...]
+    pinned: tuple[str, int] | None = None
 
 
 class Router:

@@ -6,6 +6,8 @@
 - ``smtp_sink_factory(**options)`` / ``smtp_sink``: Postfix's smtp-sink.
 - ``smtproxy(config, ...)``: starts smtproxy with a config (TOML text or dict), waits for
   ``smtproxy ready``, stops it at teardown.
+- ``start_outbound(routes, ...)`` / ``remote_pki``: smtproxy's outbound listener alone, and a
+  CA for remote MX hosts (``outbound_peers.py``); ``unbound_factory``: a real DNS server.
 
 Every test in this directory is marked ``integration``. When a test fails, the logs of
 the peers it started (smtproxy output, Postfix maillog, smtp-sink output) are attached
@@ -20,6 +22,8 @@ from typing import Any
 
 import pytest
 
+from tests.integration.dns_server import unbound_factory  # noqa: F401  (a fixture for every test here)
+from tests.integration.outbound_peers import OutboundProxy, start_outbound_proxy
 from tests.integration.peers import (
     Pki,
     PostfixInstance,
@@ -153,3 +157,26 @@ def smtproxy(
     yield start
     for process in reversed(processes):
         process.stop()
+
+
+@pytest.fixture(scope="module")
+def remote_pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """A test CA for remote MX hosts (outbound tests)."""
+    return Pki(tmp_path_factory.mktemp("remote-pki"))
+
+
+@pytest.fixture
+def start_outbound(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..., OutboundProxy]]:
+    """``start_outbound(routes, *, policy="", dns=None, **outbound_keys) -> OutboundProxy``:
+    smtproxy with only its outbound listener, on a free port; stopped at teardown."""
+    started: list[OutboundProxy] = []
+
+    def start(routes: Mapping[str, str], **options: Any) -> OutboundProxy:
+        proxy = start_outbound_proxy(tmp_path / f"outbound{len(started)}", routes, **options)
+        started.append(proxy)
+        _attach_log(request, f"smtproxy output (outbound{len(started) - 1})", proxy.process.output_text)
+        return proxy
+
+    yield start
+    for proxy in started:
+        proxy.process.stop()

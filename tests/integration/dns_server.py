@@ -7,9 +7,7 @@ Unbound never queries anything: ``do-not-query-address`` covers every IPv4 and I
 address, so a name outside the served zones gets SERVFAIL at once (``servfail.example.``
 is a handy one). Answers keep the order of the records (``rrset-roundrobin: no``).
 
-From any test module::
-
-    from tests.integration.dns_server import unbound_factory  # noqa: F401  (a fixture)
+Every integration test can ask for the ``unbound_factory`` fixture (conftest.py)::
 
     def test_outbound(unbound_factory, smtp_sink):
         dns = unbound_factory([

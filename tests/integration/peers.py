@@ -18,6 +18,7 @@ the quirks this module works around.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import fcntl
 import hashlib
 import json
@@ -1117,7 +1118,8 @@ class Pki:
     ``ca_file`` is the CA certificate (PEM) to trust. ``server_cert("mx.example.test",
     key_type=trustme.KeyType.RSA)`` and ``client_cert("client.example.test")`` return
     :class:`CertFiles`; every call issues a fresh certificate under ``directory``.
-    ``Pki(dir2)`` makes an unrelated CA (for "untrusted" cases).
+    ``Pki(dir2)`` makes an unrelated CA (for "untrusted" cases); ``server_cert(...,
+    not_after=...)`` an expired one; ``self_signed_cert(name)`` one issued by no CA.
     """
 
     def __init__(self, directory: Path, *, key_type: trustme.KeyType = trustme.KeyType.ECDSA):
@@ -1134,9 +1136,17 @@ class Pki:
         key_type: trustme.KeyType,
         kind: str,
         common_name: str | None,
+        not_before: datetime.datetime | None = None,
+        not_after: datetime.datetime | None = None,
     ) -> CertFiles:
         self._serial += 1
-        leaf = self.ca.issue_cert(*identities, common_name=common_name, key_type=key_type)
+        leaf = self.ca.issue_cert(
+            *identities,
+            common_name=common_name,
+            key_type=key_type,
+            not_before=not_before,
+            not_after=not_after,
+        )
         stem = f"{kind}{self._serial}-{key_type.name.lower()}-{identities[0]}"
         stem = re.sub(r"[^A-Za-z0-9_.-]", "_", stem)
         cert_file = self.directory / f"{stem}.pem"
@@ -1160,10 +1170,66 @@ class Pki:
         *hostnames: str,
         key_type: trustme.KeyType = trustme.KeyType.ECDSA,
         common_name: str | None = None,
+        not_before: datetime.datetime | None = None,
+        not_after: datetime.datetime | None = None,
     ) -> CertFiles:
-        """Issue a server certificate for ``hostnames`` (default ``mx.example.test``)."""
+        """Issue a server certificate for ``hostnames`` (default ``mx.example.test``).
+
+        ``not_before`` / ``not_after`` (aware datetimes) set the validity period, e.g. one
+        that ended yesterday for an expired certificate (trustme's default: valid now)."""
         names = hostnames or ("mx.example.test",)
-        return self._issue(names, key_type, "server", common_name or names[0])
+        return self._issue(
+            names, key_type, "server", common_name or names[0], not_before, not_after
+        )
+
+    def self_signed_cert(self, *hostnames: str) -> CertFiles:
+        """A self-signed ECDSA (P-256) end-entity certificate for ``hostnames`` (DNS
+        subjectAltNames, CN the first), issued by no CA (not this one either): the
+        "self-signed certificate" case of certificate verification."""
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+
+        names = hostnames or ("mx.example.test",)
+        self._serial += 1
+        key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])])
+        now = datetime.datetime.now(datetime.timezone.utc)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=30))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), critical=False)
+            .sign(key, hashes.SHA256())
+        )
+        stem = re.sub(r"[^A-Za-z0-9_.-]", "_", f"selfsigned{self._serial}-{names[0]}")
+        cert_file = self.directory / f"{stem}.pem"
+        key_file = self.directory / f"{stem}.key"
+        chain_file = self.directory / f"{stem}.chain.pem"
+        cert_pem = cert.public_bytes(serialization.Encoding.PEM)
+        key_pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        cert_file.write_bytes(cert_pem)
+        key_file.write_bytes(key_pem)
+        chain_file.write_bytes(key_pem + cert_pem)
+        for path in (key_file, chain_file):
+            path.chmod(0o600)
+        return CertFiles(
+            cert_file=cert_file,
+            key_file=key_file,
+            chain_file=chain_file,
+            fingerprint=self.fingerprint(cert_file),
+            pkey_fingerprint=self.public_key_fingerprint(cert_file),
+        )
 
     def client_cert(
         self,

@@ -1,53 +1,19 @@
 """Issue 7 acceptance: a legacy MTA -> smtproxy's outbound listener -> a real remote MX.
 
-The remote MX is a real Postfix with STARTTLS and a trustme PKI (or smtp-sink, or a small
-scripted server where a misbehaving peer is the point of the test: response injection, a
-remote that dies mid-DATA).  Every test asserts on what the remote received, on the reply
-codes the MTA got and on smtproxy's log lines.
+The remote MX is a real Postfix with STARTTLS and a trustme PKI.  Every test asserts on
+what the remote received, on the reply codes the MTA got and on smtproxy's log lines.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import socket
-import ssl
-import subprocess
-import threading
-import uuid
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 
 import pytest
 
-from tests.integration.peers import (
-    Pki,
-    PostfixInstance,
-    RawSmtpClient,
-    SmtproxyProcess,
-    free_port,
-    postfix_tls_server_params,
-    run_swaks,
-    wait_until,
-    write_config,
-)
+from tests.integration.outbound_peers import REMOTE_DOMAIN, delivered, swaks_via, token
+from tests.integration.peers import PostfixInstance, postfix_tls_server_params, run_swaks
 
 pytestmark = pytest.mark.integration
-
-REMOTE_DOMAIN = "remote.test"
-
-
-@dataclasses.dataclass
-class OutboundProxy:
-    process: SmtproxyProcess
-    port: int
-
-    def records(self, text: str) -> list[dict]:
-        return [r for r in self.process.logs() if text in r["event"]]
-
-
-@pytest.fixture(scope="module")
-def remote_pki(tmp_path_factory) -> Pki:
-    return Pki(tmp_path_factory.mktemp("remote-pki"))
 
 
 @pytest.fixture(scope="module")
@@ -63,58 +29,6 @@ def tls_remote(tmp_path_factory, remote_pki) -> Iterator[PostfixInstance]:
 def plain_remote(postfix_factory) -> PostfixInstance:
     """A remote MX for remote.test without STARTTLS (one per test: its log is the evidence)."""
     return postfix_factory(domains=[REMOTE_DOMAIN], hostname="plain.remote.test")
-
-
-@pytest.fixture
-def start_outbound(tmp_path) -> Iterator[Callable[..., OutboundProxy]]:
-    started: list[SmtproxyProcess] = []
-
-    def start(routes: dict[str, str], *, policy: str = "", **outbound) -> OutboundProxy:
-        directory = tmp_path / f"proxy{len(started)}"
-        directory.mkdir()
-        (directory / "routes").write_text("".join(f"{key} {value}\n" for key, value in routes.items()))
-        (directory / "tls_policy").write_text(policy)
-        port = free_port()
-        config = {
-            "inbound": {"listen": [], "implicit_tls_listen": []},
-            "outbound": {
-                "listen": [f"127.0.0.1:{port}"],
-                "hostname": "out.example.test",
-                "routes_file": str(directory / "routes"),
-                "policy_file": str(directory / "tls_policy"),
-                "connect_timeout": 5,
-                "reply_timeout": 10,
-                **outbound,
-            },
-            "metrics": {"listen": ""},
-            "tlsrpt": {"socket": ""},
-            "log": {"format": "json", "level": "info"},
-        }
-        process = SmtproxyProcess(write_config(directory, config)).start()
-        started.append(process)
-        process.wait_ready()
-        return OutboundProxy(process, port)
-
-    yield start
-    for process in started:
-        process.stop()
-        print(f"--- smtproxy output ---\n{process.output_text()}")
-
-
-def token() -> str:
-    return uuid.uuid4().hex
-
-
-def delivered(remote: PostfixInstance, marker: str, timeout: float = 20.0) -> bytes:
-    def find() -> bytes | None:
-        return next((m for m in remote.messages() if marker.encode() in m), None)
-
-    return wait_until(find, timeout=timeout, what=f"a message with {marker} at {remote.hostname}")
-
-
-def swaks_via(proxy: OutboundProxy, marker: str, to: str = f"user@{REMOTE_DOMAIN}", *args: str):
-    return run_swaks("--server", f"127.0.0.1:{proxy.port}", "--to", to, "--from", "sender@example.test",
-                     "--header", f"Subject: {marker}", *args)
 
 
 # ----------------------------------------------------------------------- real Postfix both sides

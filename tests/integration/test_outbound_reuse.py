@@ -8,12 +8,9 @@ import re
 import pytest
 
 from tests.integration.peers import PostfixInstance, postfix_tls_server_params, wait_until
-from tests.integration.test_outbound import REMOTE_DOMAIN, delivered, remote_pki, start_outbound, swaks_via, token
+from tests.integration.outbound_peers import REMOTE_DOMAIN, delivered, swaks_via, token
 
 pytestmark = pytest.mark.integration
-
-__all__ = ["remote_pki", "start_outbound"]  # fixtures used from test_outbound
-
 
 @pytest.fixture
 def remote(postfix_factory, remote_pki) -> PostfixInstance:
@@ -41,8 +38,8 @@ def test_two_messages_from_two_mta_connections_share_one_remote_connection(remot
     delivered(remote, first)
     delivered(remote, second)
     assert connections(remote) == 1, remote.log_text()
-    assert len(proxy.records("TLS connection established to")) == 1
-    reused = proxy.records("TLS connection reused to")
+    assert len(proxy.records("TLS connection established to", sessions=2)) == 1
+    reused = proxy.records("TLS connection reused to", sessions=2)
     assert len(reused) == 1 and reused[0]["event"].startswith("Trusted TLS connection reused to 127.0.0.1[127.0.0.1]")
     assert reused[0]["reused"] is True
 
@@ -58,7 +55,7 @@ def test_after_the_idle_limit_a_new_connection_resumes_the_tls_session(remote, s
     send(proxy, second)
     delivered(remote, second)
     assert connections(remote) == 2
-    established = proxy.records("TLS connection established to")
+    established = proxy.records("TLS connection established to", sessions=2)
     assert [record["resumed"] for record in established] == [False, True], established
     remote.wait_for_log(r"unknown\[127\.0\.0\.1\]: Reusing old session")
 
@@ -73,7 +70,7 @@ def test_connection_reuse_no_opens_a_connection_per_message(remote, start_outbou
     delivered(remote, first)
     delivered(remote, second)
     assert connections(remote) == 2
-    assert not proxy.records("TLS connection reused to")
+    assert not proxy.records("TLS connection reused to", sessions=2)
 
 
 def test_a_cached_connection_closed_by_the_remote_is_replaced_and_counted_stale(
@@ -86,5 +83,5 @@ def test_a_cached_connection_closed_by_the_remote_is_replaced_and_counted_stale(
     wait_until(lambda: remote.kill_smtpd() > 0 or None, timeout=10, what="an smtpd to kill")
     send(proxy, second)
     delivered(remote, second)
-    assert proxy.records("was stale"), proxy.process.output_text()
-    assert not proxy.records("TLS connection reused to")
+    assert proxy.records("was stale", sessions=2), proxy.process.output_text()
+    assert not proxy.records("TLS connection reused to", sessions=2)

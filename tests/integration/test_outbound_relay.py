@@ -1,0 +1,615 @@
+"""Issue 7 acceptance, relay robustness and routing: many messages to two destinations,
+a remote that injects replies around STARTTLS, remotes and MTAs that vanish mid-DATA, the
+reply mapping of DESIGN.md invariant 1, bare LF (invariant 3), and MX routing through
+smtproxy against a real Unbound.
+
+Peers: ``smtp-source`` as the legacy MTA sending many messages, :class:`RawSmtpClient` as
+an MTA driven byte by byte, real Postfix and ``smtp-sink`` as remote MX hosts, a real
+Unbound serving the test zones. Where the point of a test is a remote that misbehaves on
+purpose (replies injected after STARTTLS, dying in the middle of DATA) a small scripted
+server (:class:`ScriptedRemote`) plays the remote: no real MTA misbehaves on demand.
+Every assertion is on what the MTA was told, what the remote received, and smtproxy's log.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.integration.peers import (
+    LOOPBACK,
+    RawSmtpClient,
+    Reply,
+    SmtpSink,
+    free_port,
+    wait_until,
+)
+from tests.integration.outbound_peers import OutboundProxy
+
+pytestmark = pytest.mark.integration
+
+SENDER = "sender@example.test"
+
+
+def token() -> str:
+    return uuid.uuid4().hex
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def open_session(proxy: OutboundProxy) -> RawSmtpClient:
+    """An MTA session on the proxy, greeted, EHLO done."""
+    mta = RawSmtpClient(proxy.port, timeout=30.0)
+    assert mta.read_reply().code == 220
+    assert mta.ehlo("legacy.example.test").code == 250
+    return mta
+
+
+def message(marker: str, body: bytes = b"hello\r\n") -> bytes:
+    """Headers with `marker` in the Subject, then `body`; the caller adds the final dot."""
+    return (f"From: <{SENDER}>\r\nSubject: {marker}\r\nMessage-ID: <{marker}@example.test>\r\n\r\n").encode() + body
+
+
+def relay_one(proxy: OutboundProxy, recipient: str, marker: str) -> tuple[Reply, Reply]:
+    """One complete transaction; returns (RCPT reply, final reply after the dot)."""
+    with open_session(proxy) as mta:
+        assert mta.command(f"MAIL FROM:<{SENDER}>").code == 250
+        rcpt = mta.command(f"RCPT TO:<{recipient}>")
+        if rcpt.code != 250:
+            return rcpt, rcpt
+        assert mta.command("DATA").code == 354
+        mta.send(message(marker) + b".\r\n")
+        final = mta.read_reply()
+        mta.command("QUIT")
+        return rcpt, final
+
+
+def with_marker(messages: list[bytes], marker: str) -> list[bytes]:
+    return [m for m in messages if marker.encode() in m]
+
+
+def listening_on(host: str, port: int) -> bool:
+    """True if a socket listens on exactly host:port (IPv4), from /proc/net/tcp."""
+    local = socket.inet_aton(host)[::-1].hex().upper() + f":{port:04X}"
+    with open("/proc/net/tcp") as rows:
+        next(rows)
+        return any(f[1] == local and f[3] == "0A" for f in (row.split() for row in rows))
+
+
+class SinkAt(SmtpSink):
+    """smtp-sink on another loopback address (127.0.0.2, ...): MX hosts of one domain share
+    one port (``[outbound] port``) and differ by address. Additive to :class:`SmtpSink`,
+    whose own readiness check looks at the port only."""
+
+    def __init__(self, root: Path, host: str, port: int, **options) -> None:
+        super().__init__(root, port=port, **options)
+        self.host = host
+        self.args[-2] = f"{host}:{port}"
+
+    def start(self) -> SinkAt:
+        super().start()
+
+        def bound() -> bool:
+            if self.process is not None and self.process.poll() is not None:
+                raise AssertionError(f"smtp-sink exited {self.process.returncode}: {self.output_text()}")
+            return listening_on(self.host, self.port)
+
+        wait_until(bound, self.start_timeout, f"smtp-sink on {self.host}:{self.port}")
+        return self
+
+
+@pytest.fixture
+def sink_at(tmp_path) -> Iterator[Callable[..., SinkAt]]:
+    sinks: list[SinkAt] = []
+
+    def make(host: str, port: int, **options) -> SinkAt:
+        sink = SinkAt(tmp_path / f"sink-{host}", host, port, **options)
+        sinks.append(sink)
+        return sink.start()
+
+    yield make
+    for sink in sinks:
+        sink.stop()
+        print(f"--- smtp-sink {sink.host}:{sink.port} ---\n{sink.output_text()}")
+
+
+# --------------------------------------------------------------------------- scripted remote
+
+
+class Conversation:
+    """One accepted connection of a :class:`ScriptedRemote`: lines and data in, bytes out.
+    Every read is bounded by the socket timeout."""
+
+    def __init__(self, sock: socket.socket, notes: dict[str, object]) -> None:
+        self.sock = sock
+        self.buffer = b""
+        self.notes = notes  # what the script records, for the test to assert on
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def fill(self) -> None:
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise EOFError(f"the client closed the connection; unread: {self.buffer!r}")
+        self.buffer += chunk
+
+    def line(self) -> bytes:
+        while b"\r\n" not in self.buffer:
+            self.fill()
+        line, self.buffer = self.buffer.split(b"\r\n", 1)
+        return line
+
+    def expect(self, prefix: bytes) -> bytes:
+        line = self.line()
+        assert line.upper().startswith(prefix), f"expected {prefix!r}, got {line!r}"
+        return line
+
+    def data(self) -> bytes:
+        """The message up to CRLF.CRLF (its last CRLF included, the dot not)."""
+        while b"\r\n.\r\n" not in self.buffer:
+            self.fill()
+        body, self.buffer = self.buffer.split(b"\r\n.\r\n", 1)
+        return body + b"\r\n"
+
+    def goodbye(self) -> None:
+        """After a transaction: answer the proxy's RSET (it parks the connection for reuse)
+        or QUIT, then end the script (the proxy finds the cached connection closed)."""
+        line = self.line().upper()
+        assert line in (b"RSET", b"QUIT"), line
+        self.send(b"250 2.0.0 Ok\r\n" if line == b"RSET" else b"221 2.0.0 Bye\r\n")
+
+    def starttls(self, context: ssl.SSLContext) -> None:
+        assert not self.buffer, f"client sent plaintext after STARTTLS: {self.buffer!r}"
+        self.sock = context.wrap_socket(self.sock, server_side=True)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class ScriptedRemote:
+    """A remote MX that misbehaves on purpose -- no real MTA does so on demand.
+
+    Listens on 127.0.0.1, accepts one connection and runs ``script(conversation)`` in a
+    thread. It stops itself: the accept and every read time out after ``timeout``, and the
+    listener closes when the script ends. ``error`` holds what went wrong in the script
+    (an unexpected command, a timeout); ``notes`` what the script chose to record."""
+
+    def __init__(self, script: Callable[[Conversation], None], *, timeout: float = 20.0) -> None:
+        self.script = script
+        self.timeout = timeout
+        self.listener = socket.create_server((LOOPBACK, 0))
+        self.listener.settimeout(timeout)
+        self.port = self.listener.getsockname()[1]
+        self.error: BaseException | None = None
+        self.notes: dict[str, object] = {}
+        self.finished = threading.Event()
+        self.thread = threading.Thread(target=self._run, name=f"scripted-remote-{self.port}", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            sock, _ = self.listener.accept()
+            sock.settimeout(self.timeout)
+            conversation = Conversation(sock, self.notes)
+            try:
+                self.script(conversation)
+            finally:
+                conversation.close()
+        except BaseException as exc:  # reported by join()
+            self.error = exc
+        finally:
+            self.listener.close()
+            self.finished.set()
+
+    def join(self) -> None:
+        """Wait for the script to end; re-raise what went wrong in it."""
+        assert self.finished.wait(self.timeout * 2 + 5), "the scripted remote did not stop"
+        if self.error is not None:
+            raise AssertionError(f"scripted remote failed: {self.error!r}") from self.error
+
+
+@pytest.fixture
+def scripted_remote() -> Iterator[Callable[..., ScriptedRemote]]:
+    remotes: list[ScriptedRemote] = []
+
+    def make(script: Callable[[Conversation], None], **options) -> ScriptedRemote:
+        remote = ScriptedRemote(script, **options)
+        remotes.append(remote)
+        return remote
+
+    yield make
+    for remote in remotes:  # never leave a thread behind; each is bounded by its timeout
+        remote.finished.wait(remote.timeout * 2 + 5)
+        print(f"--- scripted remote {remote.port}: error {remote.error!r}, notes {remote.notes!r}")
+
+
+# --------------------------------------------------------------------------- 1. many messages
+
+
+def test_smtp_source_two_destinations_concurrently_all_delivered_to_the_right_remote(
+        postfix_factory, smtp_sink_factory, start_outbound):
+    """smtp-source (plaintext, 5 sessions x 40 messages per destination, both at once): every
+    message reaches the remote of its domain, none the other one."""
+    alpha = postfix_factory(domains=["alpha.test"], hostname="mx.alpha.test")
+    beta = smtp_sink_factory(hostname="mx.beta.test")
+    proxy = start_outbound({"alpha.test": f"[127.0.0.1]:{alpha.port}", "beta.test": f"[127.0.0.1]:{beta.port}"},
+                           default_level="may")
+    count = 40
+    markers = {"alpha.test": f"alpha-{token()}", "beta.test": f"beta-{token()}"}
+    sources = {
+        domain: subprocess.Popen(
+            ["smtp-source", "-s", "5", "-m", str(count), "-M", "legacy.example.test", "-f", SENDER,
+             "-t", f"user@{domain}", "-S", marker, f"127.0.0.1:{proxy.port}"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for domain, marker in markers.items()
+    }
+    for domain, source in sources.items():
+        output, _ = source.communicate(timeout=120)
+        assert source.returncode == 0, f"smtp-source to {domain} exited {source.returncode}: {output}"
+
+    # every message was acknowledged to smtp-source only after its remote said 250, so
+    # they are all there now (Postfix still has to move them from its queue to the Maildir)
+    at_alpha = alpha.wait_for_messages(count, timeout=60)
+    at_beta = beta.wait_for_messages(count, timeout=30)
+    assert len(with_marker(at_alpha, markers["alpha.test"])) == count == len(at_alpha)
+    assert len(with_marker(at_beta, markers["beta.test"])) == count == len(at_beta)
+    assert not with_marker(at_alpha, markers["beta.test"]) and not with_marker(at_beta, markers["alpha.test"])
+    assert all(b"X-Rcpt-Args: <user@beta.test>" in m for m in at_beta)
+    assert all(b"Delivered-To: user@alpha.test" in m for m in at_alpha)
+    def all_relayed() -> list[dict] | None:
+        found = [r for r in proxy.process.logs() if r["event"] == "message relayed"]
+        return found if len(found) >= 2 * count else None
+
+    relayed = wait_until(all_relayed, 30, f"{2 * count} 'message relayed' lines")
+    by_domain = {domain: [r for r in relayed if r["domain"] == domain] for domain in markers}
+    assert [len(by_domain[d]) for d in markers] == [count, count], relayed
+    assert {r["result"] for r in relayed} == {"accepted"}
+    assert {r["relay"] for r in by_domain["alpha.test"]} == {f"127.0.0.1[127.0.0.1]:{alpha.port}"}
+    assert {r["relay"] for r in by_domain["beta.test"]} == {f"127.0.0.1[127.0.0.1]:{beta.port}"}
+
+
+# --------------------------------------------------------------------------- 2. response injection
+
+INJECTED = b"250 injected\r\n"
+
+
+def test_replies_injected_after_the_220_to_starttls_are_discarded(pki, scripted_remote, start_outbound):
+    """The remote answers STARTTLS with `220 ready\\r\\n250 injected\\r\\n` in one segment,
+    then does a real TLS handshake (Python's ssl) and answers everything inside TLS with
+    texts of its own. The proxy throws the injected 250 away (and logs how many bytes), so
+    each reply the MTA gets is the inside-TLS reply to that very command; had the proxy
+    read the injected 250 as its EHLO reply, every later reply would be one step behind."""
+    chain = pki.server_cert("mx.injector.test")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(chain.cert_file, chain.key_file)
+
+    def script(c: Conversation) -> None:
+        c.send(b"220 mx.injector.test ESMTP\r\n")
+        c.expect(b"EHLO ")
+        c.send(b"250-mx.injector.test\r\n250-PIPELINING\r\n250 STARTTLS\r\n")
+        c.expect(b"STARTTLS")
+        c.send(b"220 ready\r\n" + INJECTED)  # one send: one segment on loopback
+        c.starttls(context)
+        c.notes["ehlo in TLS"] = c.expect(b"EHLO ")
+        c.send(b"250-mx.injector.test inside TLS\r\n250 8BITMIME\r\n")
+        c.expect(b"MAIL FROM:")
+        c.send(b"250 2.1.0 sender ok inside TLS\r\n")
+        c.expect(b"RCPT TO:")
+        c.send(b"250 2.1.5 recipient ok inside TLS\r\n")
+        c.expect(b"DATA")
+        c.send(b"354 go ahead inside TLS\r\n")
+        c.notes["message"] = c.data()
+        c.send(b"250 2.0.0 queued inside TLS as INJ1\r\n")
+        c.goodbye()
+
+    remote = scripted_remote(script)
+    proxy = start_outbound({"injector.test": f"[127.0.0.1]:{remote.port}"}, default_level="encrypt")
+    marker = token()
+    with open_session(proxy) as mta:
+        assert mta.command(f"MAIL FROM:<{SENDER}>").code == 250
+        rcpt = mta.command("RCPT TO:<user@injector.test>")
+        assert (rcpt.code, rcpt.text) == (250, "2.1.5 recipient ok inside TLS"), rcpt
+        data = mta.command("DATA")
+        assert (data.code, data.text) == (354, "go ahead inside TLS"), data
+        mta.send(message(marker) + b".\r\n")
+        final = mta.read_reply()
+        assert (final.code, final.text) == (250, "2.0.0 queued inside TLS as INJ1"), final
+        mta.command("QUIT")
+    remote.join()
+    assert marker.encode() in remote.notes["message"]
+    assert remote.notes["ehlo in TLS"] == b"EHLO out.example.test"
+    [discarded] = proxy.records("discarded plaintext received after the 220 reply to STARTTLS")
+    assert discarded["bytes"] == len(INJECTED) == 14, discarded
+    assert discarded["level"] == "warning"
+
+
+# --------------------------------------------------------------------------- 3. vanishing peers
+
+
+def test_remote_closing_mid_data_gives_the_mta_a_4xx(scripted_remote, start_outbound):
+    """The remote takes part of the message and closes; the MTA, sending the rest and the
+    dot, gets a 4xx (the proxy never acknowledges what the remote did not)."""
+    closed = threading.Event()
+
+    def script(c: Conversation) -> None:
+        c.send(b"220 mx.dying.test ESMTP\r\n")
+        c.expect(b"EHLO ")
+        c.send(b"250-mx.dying.test\r\n250 PIPELINING\r\n")
+        c.expect(b"MAIL FROM:")
+        c.send(b"250 2.1.0 Ok\r\n")
+        c.expect(b"RCPT TO:")
+        c.send(b"250 2.1.5 Ok\r\n")
+        c.expect(b"DATA")
+        c.send(b"354 End data with <CR><LF>.<CR><LF>\r\n")
+        while b"end of part one" not in c.buffer:  # its CRLF may be held back: it could start CRLF.CRLF
+            c.fill()
+        c.notes["received"] = c.buffer
+        c.close()
+        closed.set()
+
+    remote = scripted_remote(script)
+    proxy = start_outbound({"dying.test": f"[127.0.0.1]:{remote.port}"}, default_level="may")
+    marker = token()
+    with open_session(proxy) as mta:
+        assert mta.command(f"MAIL FROM:<{SENDER}>").code == 250
+        assert mta.command("RCPT TO:<user@dying.test>").code == 250
+        assert mta.command("DATA").code == 354
+        mta.send(message(marker, b"part one\r\n" * 100 + b"end of part one\r\n"))
+        assert closed.wait(20), "the scripted remote never saw part one"
+        mta.send(b"part two\r\n" * 100 + b".\r\n")
+        final = mta.read_reply()
+    remote.join()
+    assert marker.encode() in remote.notes["received"]
+    assert 400 <= final.code < 500, final
+    assert "lost connection" in final.text, final
+    [relayed] = proxy.records("message relayed")
+    assert relayed["result"] == "deferred", relayed
+
+
+def test_smtp_sink_dropping_at_the_final_dot_gives_the_mta_a_4xx(smtp_sink_factory, start_outbound):
+    """smtp-sink takes the whole message, dot included, and disconnects without a reply."""
+    sink = smtp_sink_factory(disconnect_after=["."])
+    proxy = start_outbound({"sink.test": f"[127.0.0.1]:{sink.port}"}, default_level="may")
+    rcpt, final = relay_one(proxy, "user@sink.test", token())
+    assert rcpt.code == 250
+    assert 400 <= final.code < 500 and "lost connection" in final.text, final
+
+
+def test_mta_vanishing_mid_data_makes_the_remote_deliver_nothing(postfix_factory, start_outbound):
+    """The MTA sends MAIL, RCPT, DATA and some lines, then closes: the proxy drops the
+    remote connection without the final dot, so the real Postfix remote logs a lost
+    connection after DATA and delivers nothing."""
+    remote = postfix_factory(domains=["remote.test"], hostname="mx.remote.test")
+    proxy = start_outbound({"remote.test": f"[127.0.0.1]:{remote.port}"}, default_level="may")
+    marker = token()
+    with open_session(proxy) as mta:
+        assert mta.command(f"MAIL FROM:<{SENDER}>").code == 250
+        assert mta.command("RCPT TO:<user@remote.test>").code == 250
+        assert mta.command("DATA").code == 354
+        mta.send(message(marker, b"an unfinished message\r\n" * 20))
+    lost = remote.wait_for_log(r"lost connection after DATA \((\d+) bytes\) from unknown\[127\.0\.0\.1\]")
+    assert int(lost.group(1)) > 0, lost.group(0)  # the partial message did reach Postfix
+    proxy.process.wait_for_log("legacy MTA connection ended")
+    assert not with_marker(remote.messages(), marker)
+    assert "250 2.0.0 Ok: queued" not in remote.log_text()
+    assert not proxy.records("message relayed")
+
+
+# --------------------------------------------------------------------------- 4. invariant 1
+
+
+def test_remote_5xx_to_rcpt_is_relayed_as_is(smtp_sink_factory, start_outbound):
+    refusal = "550 5.1.1 <user@sink.test>: Recipient address rejected: no such user here"
+    sink = smtp_sink_factory(hard_reject=["RCPT"], hard_reply=refusal)
+    proxy = start_outbound({"sink.test": f"[127.0.0.1]:{sink.port}"}, default_level="may")
+    with open_session(proxy) as mta:
+        assert mta.command(f"MAIL FROM:<{SENDER}>").code == 250
+        rcpt = mta.command("RCPT TO:<user@sink.test>")
+        assert str(rcpt) == refusal
+        assert mta.command("DATA").code == 503  # no recipient: nothing to send
+    assert not sink.messages()
+
+
+@pytest.mark.parametrize("refusal", [
+    "553 5.1.8 <sender@example.test>: Sender address rejected: domain not found",
+    "451 4.3.2 sender check unavailable, try again later",
+], ids=["5xx", "4xx"])
+def test_remote_refusing_mail_becomes_the_reply_to_every_rcpt(smtp_sink_factory, start_outbound, refusal):
+    """MAIL gets a local 250 (the remote is not contacted before the first RCPT); the
+    remote's refusal of MAIL is then the reply to each RCPT of the transaction."""
+    code = int(refusal[:3])
+    option = {"hard_reject": ["MAIL"], "hard_reply": refusal} if code >= 500 else \
+        {"soft_reject": ["MAIL"], "soft_reply": refusal}
+    sink = smtp_sink_factory(**option)
+    proxy = start_outbound({"sink.test": f"[127.0.0.1]:{sink.port}"}, default_level="may")
+    with open_session(proxy) as mta:
+        assert mta.command(f"MAIL FROM:<{SENDER}>").code == 250
+        assert str(mta.command("RCPT TO:<one@sink.test>")) == refusal
+        assert str(mta.command("RCPT TO:<two@sink.test>")) == refusal
+        assert mta.command("DATA").code == 503
+    assert not sink.messages()
+
+
+def test_remote_452_to_rcpt_is_relayed(smtp_sink_factory, start_outbound):
+    refusal = "452 4.5.3 Error: too many recipients, says the remote"
+    sink = smtp_sink_factory(soft_reject=["RCPT"], soft_reply=refusal)
+    proxy = start_outbound({"sink.test": f"[127.0.0.1]:{sink.port}"}, default_level="may")
+    rcpt, _ = relay_one(proxy, "user@sink.test", token())
+    assert str(rcpt) == refusal
+
+
+def test_rcpt_for_a_second_domain_gets_452_and_the_first_domain_still_gets_its_message(
+        postfix_factory, start_outbound):
+    remote = postfix_factory(domains=["remote.test"], hostname="mx.remote.test")
+    proxy = start_outbound({"remote.test": f"[127.0.0.1]:{remote.port}",
+                            "other.test": f"[127.0.0.1]:{remote.port}"}, default_level="may")
+    marker = token()
+    with open_session(proxy) as mta:
+        assert mta.command(f"MAIL FROM:<{SENDER}>").code == 250
+        assert mta.command("RCPT TO:<user@remote.test>").code == 250
+        second = mta.command("RCPT TO:<user@other.test>")
+        assert second.code == 452 and second.text.startswith("4.5.3 "), second
+        assert mta.command("DATA").code == 354
+        mta.send(message(marker) + b".\r\n")
+        final = mta.read_reply()
+        assert final.code == 250, final
+    [delivered] = wait_until(lambda: with_marker(remote.messages(), marker), 20, "the message at the remote")
+    assert b"Delivered-To: user@remote.test" in delivered
+    session = remote.wait_for_log(r"disconnect from unknown\[127\.0\.0\.1\] .*")
+    assert "rcpt=1 " in session.group(0) and "other.test" not in remote.log_text(), session.group(0)
+
+
+def test_bare_lf_rejected_and_nothing_delivered(postfix_factory, start_outbound):
+    remote = postfix_factory(domains=["remote.test"], hostname="mx.remote.test")
+    proxy = start_outbound({"remote.test": f"[127.0.0.1]:{remote.port}"}, default_level="may",
+                           bare_newline="reject")
+    marker = token()
+    with open_session(proxy) as mta:
+        assert mta.command(f"MAIL FROM:<{SENDER}>").code == 250
+        assert mta.command("RCPT TO:<user@remote.test>").code == 250
+        assert mta.command("DATA").code == 354
+        mta.send(message(marker, b"line one\nline two\r\n") + b".\r\n")
+        final = mta.read_reply()
+        assert 500 <= final.code < 600 and "bare <LF>" in final.text, final
+        # the session goes on: the next transaction works
+        assert mta.command("RSET").code == 250
+    remote.wait_for_log(r"lost connection after DATA .*from unknown\[127\.0\.0\.1\]")
+    assert not with_marker(remote.messages(), marker)
+    assert "Ok: queued" not in remote.log_text()
+
+
+def test_bare_lf_normalized_reaches_a_strict_remote_with_crlf(postfix_factory, start_outbound):
+    """`normalize`: bare LFs become CRLF, and a bare-LF "end of data" (`\\n.\\n`, the SMTP
+    smuggling trick) is dot-stuffed into plain content. The remote Postfix rejects any bare
+    LF (smtpd_forbid_bare_newline = reject, no exclusions), so its 250 proves what it got
+    was CRLF only -- and one message, the smuggled line inside it."""
+    remote = postfix_factory(domains=["remote.test"], hostname="mx.remote.test", extra_main_cf={
+        "smtpd_forbid_bare_newline": "reject", "smtpd_forbid_bare_newline_exclusions": ""})
+    proxy = start_outbound({"remote.test": f"[127.0.0.1]:{remote.port}"}, default_level="may",
+                           bare_newline="normalize")
+    marker = token()
+    smuggled = f"smuggled-{marker}"
+    with open_session(proxy) as mta:
+        assert mta.command(f"MAIL FROM:<{SENDER}>").code == 250
+        assert mta.command("RCPT TO:<user@remote.test>").code == 250
+        assert mta.command("DATA").code == 354
+        mta.send(message(marker, f"line one\nline two\n.\nMAIL FROM:<{smuggled}@evil.test>\r\n".encode())
+                 + b".\r\n")
+        final = mta.read_reply()
+        assert final.code == 250, final
+    [delivered] = wait_until(lambda: with_marker(remote.messages(), marker), 20, "the message at the remote")
+    # virtual(8) writes LF line ends; the unstuffed "." is a content line
+    assert b"\nline one\nline two\n.\nMAIL FROM:<" + smuggled.encode() in delivered, delivered
+    assert "bare <LF> received" not in remote.log_text()
+
+
+def test_bare_lf_is_refused_by_the_strict_remote_when_sent_directly(postfix_factory):
+    """Control for the test above: the strict remote really does refuse a bare LF."""
+    remote = postfix_factory(domains=["remote.test"], hostname="mx.remote.test", extra_main_cf={
+        "smtpd_forbid_bare_newline": "reject", "smtpd_forbid_bare_newline_exclusions": ""})
+    with RawSmtpClient(remote.port) as client:
+        assert client.read_reply().code == 220
+        assert client.ehlo().code == 250
+        assert client.command(f"MAIL FROM:<{SENDER}>").code == 250
+        assert client.command("RCPT TO:<user@remote.test>").code == 250
+        assert client.command("DATA").code == 354
+        client.send(message(token(), b"line one\nline two\r\n") + b".\r\n")
+        assert client.read_reply().code == 550
+
+
+# --------------------------------------------------------------------------- 5. MX routing
+
+
+def _require_loopback_addresses(*hosts: str) -> None:
+    for host in hosts:
+        try:
+            with socket.socket() as sock:
+                sock.bind((host, 0))
+        except OSError as exc:
+            pytest.skip(f"cannot listen on {host} on this machine: {exc}")
+
+
+def test_mx_preference_order_the_most_preferred_mx_gets_the_mail(unbound_factory, sink_at, start_outbound):
+    _require_loopback_addresses("127.0.0.2", "127.0.0.3")
+    dns = unbound_factory([
+        "pref.test. MX 20 mx2.pref.test.",  # the worse one first: order comes from preference
+        "pref.test. MX 10 mx1.pref.test.",
+        "mx1.pref.test. A 127.0.0.2",
+        "mx2.pref.test. A 127.0.0.3",
+    ])
+    port = free_port()
+    best, backup = sink_at("127.0.0.2", port), sink_at("127.0.0.3", port)
+    proxy = start_outbound({}, dns={"nameservers": [dns.nameserver]}, port=port, default_level="may")
+    markers = [token() for _ in range(3)]
+    for marker in markers:
+        rcpt, final = relay_one(proxy, "user@pref.test", marker)
+        assert (rcpt.code, final.code) == (250, 250), (rcpt, final)
+    got = best.wait_for_messages(3)
+    assert [len(with_marker(got, m)) for m in markers] == [1, 1, 1]
+    assert backup.messages() == []
+    assert {r["relay"] for r in proxy.records("message relayed", sessions=3)} == {f"mx1.pref.test[127.0.0.2]:{port}"}
+
+
+def test_mx_fallback_to_the_second_mx_when_the_first_refuses_connections(unbound_factory, sink_at, start_outbound):
+    _require_loopback_addresses("127.0.0.3", "127.0.0.4")
+    dns = unbound_factory([
+        "fallback.test. MX 10 mx1.fallback.test.",
+        "fallback.test. MX 20 mx2.fallback.test.",
+        "mx1.fallback.test. A 127.0.0.4",
+        "mx2.fallback.test. A 127.0.0.3",
+    ])
+    port = free_port()
+    second = sink_at("127.0.0.3", port)
+    assert not listening_on("127.0.0.4", port)  # the first MX's port is closed
+    proxy = start_outbound({}, dns={"nameservers": [dns.nameserver]}, port=port, default_level="may")
+    marker = token()
+    rcpt, final = relay_one(proxy, "user@fallback.test", marker)
+    assert (rcpt.code, final.code) == (250, 250), (rcpt, final)
+    assert len(with_marker(second.wait_for_messages(1), marker)) == 1
+    [attempt] = proxy.records("delivery attempt failed")
+    assert attempt["peer"] == "mx1.fallback.test[127.0.0.4]" and "refused" in attempt["reason"].lower(), attempt
+    [relayed] = proxy.records("message relayed")
+    assert relayed["relay"] == f"mx2.fallback.test[127.0.0.3]:{port}"
+
+
+@pytest.mark.parametrize(("recipient", "code", "status"), [
+    ("user@nosuch.test", 550, "5.1.2"),  # NXDOMAIN
+    ("user@null.test", 556, "5.1.10"),  # null MX (RFC 7505)
+], ids=["nxdomain", "null-mx"])
+def test_permanent_dns_answers_become_5xx(unbound_factory, start_outbound, recipient, code, status):
+    dns = unbound_factory(["null.test. MX 0 .", "other.test. A 127.0.0.1"])
+    proxy = start_outbound({}, dns={"nameservers": [dns.nameserver]}, default_level="may")
+    with open_session(proxy) as mta:
+        assert mta.command(f"MAIL FROM:<{SENDER}>").code == 250
+        rcpt = mta.command(f"RCPT TO:<{recipient}>")
+        assert rcpt.code == code and rcpt.text.startswith(f"{status} "), rcpt
+        assert mta.command("DATA").code == 503
+    [failed] = proxy.records("routing failed")
+    assert failed["domain"] == recipient.split("@")[1]
+
+
+def test_dns_timeout_becomes_4xx(start_outbound):
+    """A nameserver that never answers (a bound UDP socket nobody reads): 451 4.4.3."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+        silent.bind((LOOPBACK, 0))
+        proxy = start_outbound({}, dns={"nameservers": [f"{LOOPBACK}:{silent.getsockname()[1]}"], "timeout": 2},
+                               default_level="may")
+        with open_session(proxy) as mta:
+            assert mta.command(f"MAIL FROM:<{SENDER}>").code == 250
+            started = time.monotonic()
+            rcpt = mta.command("RCPT TO:<user@slow.test>")
+            elapsed = time.monotonic() - started
+    assert rcpt.code == 451 and rcpt.text.startswith("4.4.3 "), rcpt
+    assert elapsed < 10, f"the lookup took {elapsed:.1f}s with a 2s DNS timeout"
+    [failed] = proxy.records("routing failed")
+    assert "timeout" in failed["reason"], failed
