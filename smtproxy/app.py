@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import signal
 from collections.abc import Callable
 
 import structlog
 import uvloop
 
-from smtproxy.config import Config
+from smtproxy.config import Config, ConfigError, load_config
 from smtproxy.events import Direction, EventBus
 from smtproxy.inbound.server import InboundServer
 from smtproxy.outbound.connector import ConnectSettings, Connector
@@ -53,11 +54,19 @@ def build_server_tls(config: Config) -> ServerTls | None:
         raise StartupError(f"inbound.certificates: cannot load TLS credentials: {exc}") from exc
 
 
-def build_outbound(config: Config, bus: EventBus) -> OutboundServer | None:
-    """The outbound listener with its routes, policies and TLS client; None when off."""
+@dataclasses.dataclass(frozen=True)
+class OutboundParts:
+    """What `[outbound]` builds and a reload replaces whole."""
+
+    router: Router
+    policies: Policies
+    connector: Connector
+    pool: ConnectionPool
+
+
+def build_outbound_parts(config: Config, bus: EventBus) -> OutboundParts:
+    """Routes, policies, TLS client and caches; StartupError names what is wrong."""
     outbound = config.outbound
-    if not outbound.listen:
-        return None
     try:
         routes = RouteTable.load(outbound.routes_file) if outbound.routes_file else None
         policies = Policies.from_config(outbound)
@@ -74,7 +83,45 @@ def build_outbound(config: Config, bus: EventBus) -> OutboundServer | None:
     limits = PoolLimits(outbound.connection_cache_time_limit, outbound.connection_reuse_time_limit,
                         outbound.connection_reuse_count_limit, outbound.connection_cache_size,
                         outbound.connection_cache_destination_size, outbound.reply_timeout)
-    return OutboundServer(outbound, router, policies, connector, ConnectionPool(connector, limits, bus), bus)
+    return OutboundParts(router, policies, connector, ConnectionPool(connector, limits, bus))
+
+
+def build_outbound(config: Config, bus: EventBus) -> OutboundServer | None:
+    """The outbound listener with its routes, policies and TLS client; None when off."""
+    if not config.outbound.listen:
+        return None
+    parts = build_outbound_parts(config, bus)
+    return OutboundServer(config.outbound, parts.router, parts.policies, parts.connector, parts.pool, bus)
+
+
+def reload(config: Config, bus: EventBus, inbound: InboundServer, outbound: OutboundServer | None) -> Config:
+    """SIGHUP: re-read the config file, certificates and tables; the running proxy keeps the
+    old ones when anything is wrong.  Returns the configuration now in force."""
+    assert config.source is not None
+    try:
+        new = load_config(config.source)
+        server_tls = build_server_tls(new)
+        parts = build_outbound_parts(new, bus) if outbound is not None else None
+    except (ConfigError, StartupError) as exc:
+        log.error(f"reload refused, the running configuration stays: {exc}", config=str(config.source))
+        return config
+    restart_only = [name for name in ("inbound.listen", "inbound.implicit_tls_listen", "outbound.listen",
+                                      "outbound.mode", "metrics", "tlsrpt", "log")
+                    if _section(new, name) != _section(config, name)]
+    if restart_only:
+        log.warning("changed settings that take effect on restart only", keys=restart_only)
+    inbound.reload(new.inbound, server_tls)
+    if outbound is not None and parts is not None:
+        outbound.reload(new.outbound, parts.router, parts.policies, parts.connector, parts.pool)
+    log.info("configuration reloaded", config=str(config.source))
+    return new
+
+
+def _section(config: Config, dotted: str) -> object:
+    value: object = config
+    for name in dotted.split("."):
+        value = getattr(value, name)
+    return value
 
 
 async def start_metrics(config: Config, metrics: Metrics, inbound: InboundServer, outbound: OutboundServer | None,
@@ -120,6 +167,14 @@ async def serve(config: Config) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    current = config
+
+    def on_hangup() -> None:
+        nonlocal current
+        current = reload(current, bus, inbound, outbound)
+
+    if config.source is not None:
+        loop.add_signal_handler(signal.SIGHUP, on_hangup)
     metrics_server = await start_metrics(config, metrics, inbound, outbound, lambda: not stop.is_set())
     if metrics_server is not None:
         listeners.append(f"{config.metrics.listen} (metrics)")
@@ -131,10 +186,10 @@ async def serve(config: Config) -> None:
     inbound.stop_listening()
     if outbound is not None:
         outbound.stop_listening()
-        await asyncio.gather(inbound.drain(config.inbound.drain_timeout),
-                             outbound.drain(config.outbound.drain_timeout))
+        await asyncio.gather(inbound.drain(current.inbound.drain_timeout),
+                             outbound.drain(current.outbound.drain_timeout))
     else:
-        await inbound.drain(config.inbound.drain_timeout)
+        await inbound.drain(current.inbound.drain_timeout)
     if metrics_server is not None:
         metrics_server.close()
     if reporter is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import itertools
 import time
 from typing import TYPE_CHECKING
@@ -60,6 +61,13 @@ class InboundServer:
         self._servers: list[asyncio.AbstractServer] = []
         self._all_closed = asyncio.Event()
         self._all_closed.set()
+
+    def reload(self, config: InboundConfig, server_tls: ServerTls | None) -> None:
+        """New sessions (and STARTTLS in running ones) use the new settings and certificates;
+        listen addresses change on restart only."""
+        self.config = dataclasses.replace(config, listen=self.config.listen,
+                                          implicit_tls_listen=self.config.implicit_tls_listen)
+        self.server_tls = server_tls
 
     async def start(self, *, reuse_port: bool = False) -> list[str]:
         loop = asyncio.get_running_loop()

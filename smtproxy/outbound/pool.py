@@ -49,6 +49,7 @@ class ConnectionPool:
         self.limits = limits
         self.bus = bus
         self._idle: dict[tuple, collections.deque[_Parked]] = {}
+        self._closed = False  # after close_all (shutdown, or replaced on reload): park nothing
         self._tasks: set[asyncio.Task[None]] = set()
 
     @property
@@ -105,7 +106,7 @@ class ConnectionPool:
         key, remote.cache_key = remote.cache_key, None
         remote.transactions += 1
         self.connector.remember_session(remote)
-        if not reusable or key is None or not self._may_park(remote, key):
+        if not reusable or key is None or self._closed or not self._may_park(remote, key):
             self._spawn(remote.connection.quit(self.limits.reply_timeout) if reusable else _abort(remote))
             return
         self._spawn(self._reset_and_park(remote, key))
@@ -124,7 +125,7 @@ class ConnectionPool:
         except UpstreamError:
             remote.connection.abort()
             return
-        if reply.code != 250 or not remote.connection.alive:
+        if reply.code != 250 or not remote.connection.alive or self._closed:
             await remote.connection.quit(self.limits.reply_timeout)
             return
         queue = self._idle.setdefault(key, collections.deque())
@@ -159,6 +160,8 @@ class ConnectionPool:
         task.add_done_callback(self._tasks.discard)
 
     async def close_all(self) -> None:
+        """Close every idle connection; connections handed back later are closed too."""
+        self._closed = True
         for queue in self._idle.values():
             for parked in queue:
                 self._evict(parked)

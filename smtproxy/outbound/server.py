@@ -8,6 +8,7 @@ read with SO_ORIGINAL_DST.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import time
 
@@ -36,11 +37,30 @@ class OutboundServer:
         self.connector = connector
         self.pool = pool
         self.bus = bus
-        self.settings = OutboundSettings(
-            hostname=config.hostname, bare_newline=config.bare_newline, idle_timeout=config.idle_timeout,
-            reply_timeout=config.reply_timeout, max_message_size=config.max_message_size)
+        self.settings = self._settings(config)
         self.sessions: set[asyncio.Task[None]] = set()
         self._servers: list[asyncio.AbstractServer] = []
+        self._retired_pools: set[asyncio.Task[None]] = set()
+
+    def reload(self, config: OutboundConfig, router: Router, policies: Policies, connector: Connector,
+               pool: ConnectionPool) -> None:
+        """New transactions use the new tables, TLS settings and caches (listen addresses and
+        mode change on restart only).  Connections and TLS sessions made under the old
+        configuration are never reused (DESIGN.md invariant 5): the old pool is closed, and
+        what running sessions hand back to it is closed as well."""
+        retired = self.pool
+        self.config = dataclasses.replace(config, listen=self.config.listen, mode=self.config.mode)
+        self.router, self.policies, self.connector, self.pool = router, policies, connector, pool
+        self.settings = self._settings(self.config)
+        task = asyncio.get_running_loop().create_task(retired.close_all())
+        self._retired_pools.add(task)
+        task.add_done_callback(self._retired_pools.discard)
+
+    @staticmethod
+    def _settings(config: OutboundConfig) -> OutboundSettings:
+        return OutboundSettings(
+            hostname=config.hostname, bare_newline=config.bare_newline, idle_timeout=config.idle_timeout,
+            reply_timeout=config.reply_timeout, max_message_size=config.max_message_size)
 
     async def start(self, *, reuse_port: bool = False) -> list[str]:
         bound = []

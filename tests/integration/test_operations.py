@@ -1,0 +1,209 @@
+"""Operations: SIGTERM drains, SIGHUP reloads (issue 6 item 3; issue 3's policy change).
+
+Real peers: a plaintext Postfix behind the inbound listener, a TLS Postfix remote MX for
+the outbound listener; smtproxy runs as a real process and gets real signals.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import signal
+import socket
+import time
+
+import pytest
+
+from tests.integration.outbound_peers import REMOTE_DOMAIN, delivered, swaks_via, token
+from tests.integration.peers import (
+    PostfixInstance,
+    RawSmtpClient,
+    SmtproxyProcess,
+    free_port,
+    postfix_tls_server_params,
+    wait_until,
+    write_config,
+)
+
+pytestmark = pytest.mark.integration
+
+HOSTNAME = "mx.example.test"
+
+
+def inbound_config(backend: PostfixInstance, port: int, cert, **inbound) -> dict:
+    return {
+        "inbound": {"listen": [f"127.0.0.1:{port}"], "implicit_tls_listen": [], "backend": f"127.0.0.1:{backend.port}",
+                    "hostname": HOSTNAME, "certificates": [{"cert_file": str(cert.cert_file),
+                                                            "key_file": str(cert.key_file)}], **inbound},
+        "outbound": {"listen": []},
+        "metrics": {"listen": ""},
+        "tlsrpt": {"socket": ""},
+        "log": {"format": "json", "level": "info"},
+    }
+
+
+@pytest.fixture
+def legacy(postfix_factory) -> PostfixInstance:
+    return postfix_factory()
+
+
+@pytest.fixture
+def started(tmp_path):
+    processes: list[SmtproxyProcess] = []
+
+    def start(config: dict) -> SmtproxyProcess:
+        process = SmtproxyProcess(write_config(tmp_path / f"proxy{len(processes)}", config)).start()
+        processes.append(process)
+        process.wait_ready()
+        return process
+
+    yield start
+    for process in processes:
+        process.stop()
+        print(f"--- smtproxy output ---\n{process.output_text()}")
+
+
+def open_transaction(port: int, marker: str) -> RawSmtpClient:
+    client = RawSmtpClient(port)
+    assert client.read_reply().code == 220
+    assert client.ehlo().code == 250
+    assert client.command("MAIL FROM:<sender@example.org>").code == 250
+    assert client.command("RCPT TO:<user@example.test>").code == 250
+    assert client.command("DATA").code == 354
+    client.send(f"Subject: {marker}\r\n\r\nfirst half\r\n".encode())
+    return client
+
+
+def fingerprint(der: bytes) -> str:
+    return ":".join(f"{byte:02X}" for byte in hashlib.sha256(der).digest())
+
+
+def refuses_connections(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+# ----------------------------------------------------------------------- SIGTERM
+
+
+def test_sigterm_mid_data_lets_the_message_finish_and_refuses_new_connections(legacy, started, pki):
+    port = free_port()
+    proxy = started(inbound_config(legacy, port, pki.server_cert(HOSTNAME), drain_timeout=20))
+    marker = token()
+    client = open_transaction(port, marker)
+    proxy.send_signal(signal.SIGTERM)
+    proxy.wait_for_log("smtproxy stopping")
+    assert wait_until(lambda: refuses_connections(port), 10, "the listener to close")
+    client.send(b"second half\r\n.\r\n")
+    assert client.read_reply().code == 250
+    assert client.command("QUIT").code == 221
+    client.close()
+    assert proxy.wait_exit(timeout=10) == 0
+    message = delivered(legacy, marker).decode()
+    assert "first half" in message and "second half" in message
+
+
+def test_sessions_still_open_at_the_drain_deadline_get_421_and_the_process_exits(legacy, started, pki):
+    port = free_port()
+    proxy = started(inbound_config(legacy, port, pki.server_cert(HOSTNAME), drain_timeout=1))
+    marker = token()
+    client = open_transaction(port, marker)
+    began = time.monotonic()
+    proxy.send_signal(signal.SIGTERM)
+    reply = client.read_reply(timeout=10)
+    assert reply.code == 421 and reply.lines[0].startswith("4.3.2"), reply
+    assert proxy.wait_exit(timeout=10) == 0
+    assert time.monotonic() - began < 5
+    legacy.wait_for_log(r"lost connection after DATA")
+    assert not any(marker.encode() in m for m in legacy.messages())
+
+
+# ----------------------------------------------------------------------- SIGHUP inbound
+
+
+def test_sighup_swaps_the_certificate_while_a_running_session_completes(legacy, started, pki, tmp_path):
+    port = free_port()
+    old_cert, new_cert = pki.server_cert(HOSTNAME), pki.server_cert(HOSTNAME)
+    cert_file, key_file = tmp_path / "live.pem", tmp_path / "live.key"
+    cert_file.write_bytes(old_cert.cert_file.read_bytes())
+    key_file.write_bytes(old_cert.key_file.read_bytes())
+    config = inbound_config(legacy, port, old_cert)
+    config["inbound"]["certificates"] = [{"cert_file": str(cert_file), "key_file": str(key_file)}]
+    proxy = started(config)
+
+    running = RawSmtpClient(port)
+    assert running.read_reply().code == 220 and running.ehlo().code == 250
+    running.starttls(pki.client_context(), server_hostname=HOSTNAME)
+    assert fingerprint(running.tls.getpeercert(binary_form=True)) == old_cert.fingerprint
+
+    cert_file.write_bytes(new_cert.cert_file.read_bytes())
+    key_file.write_bytes(new_cert.key_file.read_bytes())
+    after = len(proxy.logs())
+    proxy.send_signal(signal.SIGHUP)
+    proxy.wait_for_log("configuration reloaded", after=after)
+
+    with RawSmtpClient(port) as fresh:
+        assert fresh.read_reply().code == 220 and fresh.ehlo().code == 250
+        fresh.starttls(pki.client_context(), server_hostname=HOSTNAME)
+        assert fingerprint(fresh.tls.getpeercert(binary_form=True)) == new_cert.fingerprint
+
+    marker = token()
+    assert running.ehlo().code == 250
+    assert running.command("MAIL FROM:<sender@example.org>").code == 250
+    assert running.command("RCPT TO:<user@example.test>").code == 250
+    assert running.command("DATA").code == 354
+    running.send(f"Subject: {marker}\r\n\r\nbody\r\n.\r\n".encode())
+    assert running.read_reply().code == 250
+    running.close()
+    delivered(legacy, marker)
+
+
+def test_a_broken_config_on_sighup_leaves_the_old_one_serving(legacy, started, pki):
+    port = free_port()
+    cert = pki.server_cert(HOSTNAME)
+    proxy = started(inbound_config(legacy, port, cert))
+    proxy.config_path.write_text(proxy.config_path.read_text() + "\n[bogus]\nkey = 1\n")
+    after = len(proxy.logs())
+    proxy.send_signal(signal.SIGHUP)
+    refused = proxy.wait_for_log("reload refused", after=after)
+    assert refused["level"] == "error"
+    with RawSmtpClient(port) as client:
+        assert client.read_reply().code == 220 and client.ehlo().code == 250
+        client.starttls(pki.client_context(), server_hostname=HOSTNAME)
+        assert fingerprint(client.tls.getpeercert(binary_form=True)) == cert.fingerprint
+    assert proxy.returncode is None
+
+
+# ----------------------------------------------------------------------- SIGHUP outbound
+
+
+def test_a_policy_change_by_sighup_reuses_no_connection_or_session_of_the_old_policy(
+        postfix_factory, remote_pki, start_outbound):
+    chain = remote_pki.server_cert("mx.remote.test")
+    remote = postfix_factory(domains=[REMOTE_DOMAIN], hostname="mx.remote.test", extra_main_cf={
+        **postfix_tls_server_params(chain), "smtpd_tls_loglevel": "2"})
+    route = f"[127.0.0.1]:{remote.port}"
+    proxy = start_outbound({REMOTE_DOMAIN: route}, policy=f"{route} encrypt\n", connection_cache_time_limit=60)
+    first = token()
+    assert swaks_via(proxy, first).returncode == 0
+    delivered(remote, first)
+
+    policy_file = proxy.process.config_path.parent / "tls_policy"
+    policy_file.write_text(f"{route} encrypt protocols=TLSv1.2\n")
+    after = len(proxy.process.logs())
+    proxy.process.send_signal(signal.SIGHUP)
+    proxy.process.wait_for_log("configuration reloaded", after=after)
+
+    second = token()
+    assert swaks_via(proxy, second).returncode == 0
+    delivered(remote, second)
+    logs = proxy.settled_logs(2)
+    established = [r for r in logs if "TLS connection established to" in r["event"]]
+    assert [r["protocol"] for r in established] == ["TLSv1.3", "TLSv1.2"], established
+    assert [r["resumed"] for r in established] == [False, False]
+    assert not [r for r in logs if "TLS connection reused to" in r["event"]]
+    connections = re.findall(r"smtpd\[\d+\]: connect from unknown\[127\.0\.0\.1\]", remote.log_text())
+    assert len(connections) == 2
