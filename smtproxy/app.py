@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import signal
 from collections.abc import Callable
 
@@ -28,18 +29,19 @@ from smtproxy.telemetry.http import MetricsServer, Readiness
 from smtproxy.telemetry.metrics import Metrics
 from smtproxy.tls.certificates import ensure_certificate
 from smtproxy.tls.server_context import ServerTls
+from smtproxy.workers import Supervisor, WorkerLink
 
 log = structlog.get_logger("smtproxy")
+GAUGE_REFRESH_SECONDS = 1.0
 
 
 class StartupError(Exception):
     """A problem found while starting (certificate files, ports): one line for operators."""
 
 
-def build_server_tls(config: Config) -> ServerTls | None:
+def generate_missing_certificates(config: Config) -> None:
+    """`self_signed_if_missing` chains whose files are both missing get a new certificate."""
     inbound = config.inbound
-    if not inbound.certificates:
-        return None
     for index, certificate in enumerate(inbound.certificates):
         if ensure_certificate(certificate, inbound.hostname):
             log.warning(
@@ -48,8 +50,15 @@ def build_server_tls(config: Config) -> ServerTls | None:
                 cert_file=str(certificate.cert_file),
                 key_file=str(certificate.key_file),
             )
+
+
+def build_server_tls(config: Config, ticket_keys: bytes | None = None) -> ServerTls | None:
+    inbound = config.inbound
+    if not inbound.certificates:
+        return None
+    generate_missing_certificates(config)
     try:
-        return ServerTls(inbound.tls, inbound.certificates)
+        return ServerTls(inbound.tls, inbound.certificates, ticket_keys)
     except (OSError, ValueError) as exc:
         raise StartupError(f"inbound.certificates: cannot load TLS credentials: {exc}") from exc
 
@@ -94,13 +103,14 @@ def build_outbound(config: Config, bus: EventBus) -> OutboundServer | None:
     return OutboundServer(config.outbound, parts.router, parts.policies, parts.connector, parts.pool, bus)
 
 
-def reload(config: Config, bus: EventBus, inbound: InboundServer, outbound: OutboundServer | None) -> Config:
+def reload(config: Config, bus: EventBus, inbound: InboundServer, outbound: OutboundServer | None,
+           ticket_keys: bytes | None = None) -> Config:
     """SIGHUP: re-read the config file, certificates and tables; the running proxy keeps the
     old ones when anything is wrong.  Returns the configuration now in force."""
     assert config.source is not None
     try:
         new = load_config(config.source)
-        server_tls = build_server_tls(new)
+        server_tls = build_server_tls(new, ticket_keys)
         parts = build_outbound_parts(new, bus) if outbound is not None else None
     except (ConfigError, StartupError) as exc:
         log.error(f"reload refused, the running configuration stays: {exc}", config=str(config.source))
@@ -124,13 +134,17 @@ def _section(config: Config, dotted: str) -> object:
     return value
 
 
-async def start_metrics(config: Config, metrics: Metrics, inbound: InboundServer, outbound: OutboundServer | None,
-                        listening: Callable[[], bool]) -> MetricsServer | None:
-    """Gauges read the servers' live state; /readyz also wants the backend to accept a connection."""
+def watch_gauges(metrics: Metrics, inbound: InboundServer, outbound: OutboundServer | None) -> None:
     metrics.watch_connections(Direction.INBOUND, lambda: len(inbound.connections))
     if outbound is not None:
         metrics.watch_connections(Direction.OUTBOUND, lambda: len(outbound.sessions))
         metrics.watch_caches(lambda: outbound.pool.idle_connections, lambda: len(outbound.connector.sessions))
+
+
+async def start_metrics(config: Config, metrics: Metrics, inbound: InboundServer, outbound: OutboundServer | None,
+                        listening: Callable[[], bool]) -> MetricsServer | None:
+    """Gauges read the servers' live state; /readyz also wants the backend to accept a connection."""
+    watch_gauges(metrics, inbound, outbound)
     if config.metrics.listen is None:
         return None
     backend = config.inbound.backend if config.inbound.listen or config.inbound.implicit_tls_listen else None
@@ -145,21 +159,24 @@ async def start_metrics(config: Config, metrics: Metrics, inbound: InboundServer
     return server
 
 
-async def serve(config: Config) -> None:
+async def serve(config: Config, link: WorkerLink | None = None) -> None:
+    """One process's proxy; `link`: this process is a worker of `smtproxy.workers`."""
     bus = EventBus()
     log_setup.subscribe(bus)
     metrics = Metrics()
     metrics.subscribe(bus)
-    inbound = InboundServer(config.inbound, build_server_tls(config), bus)
+    ticket_keys = link.ticket_keys if link is not None else None
+    inbound = InboundServer(config.inbound, build_server_tls(config, ticket_keys), bus)
     outbound = build_outbound(config, bus)
     reporter = tlsrpt.subscribe(bus, config.tlsrpt, make_resolver(config.dns).dns_resolver) if outbound else None
+    reuse_port = link is not None
     try:
-        listeners = await inbound.start()
+        listeners = await inbound.start(reuse_port=reuse_port)
     except OSError as exc:
         raise StartupError(f"inbound.listen: cannot bind: {exc}") from exc
     if outbound is not None:
         try:
-            listeners += await outbound.start()
+            listeners += await outbound.start(reuse_port=reuse_port)
         except OSError as exc:
             raise StartupError(f"outbound.listen: cannot bind: {exc}") from exc
 
@@ -171,14 +188,22 @@ async def serve(config: Config) -> None:
 
     def on_hangup() -> None:
         nonlocal current
-        current = reload(current, bus, inbound, outbound)
+        current = reload(current, bus, inbound, outbound, ticket_keys)
 
     if config.source is not None:
         loop.add_signal_handler(signal.SIGHUP, on_hangup)
-    metrics_server = await start_metrics(config, metrics, inbound, outbound, lambda: not stop.is_set())
-    if metrics_server is not None:
-        listeners.append(f"{config.metrics.listen} (metrics)")
-    log.info("smtproxy ready", listeners=listeners, backend=str(config.inbound.backend))
+    if link is None:
+        metrics_server = await start_metrics(config, metrics, inbound, outbound, lambda: not stop.is_set())
+        if metrics_server is not None:
+            listeners.append(f"{config.metrics.listen} (metrics)")
+        log.info("smtproxy ready", listeners=listeners, backend=str(config.inbound.backend))
+    else:
+        metrics_server = None
+        watch_gauges(metrics, inbound, outbound)
+        refresher = loop.create_task(_refresh_gauges(metrics))
+        link.on_supervisor_gone(stop.set)
+        log.info("worker ready", listeners=listeners)
+        link.ready()
     await stop.wait()
 
     log.info("smtproxy stopping", active_sessions=len(inbound.connections),
@@ -192,15 +217,34 @@ async def serve(config: Config) -> None:
         await inbound.drain(current.inbound.drain_timeout)
     if metrics_server is not None:
         metrics_server.close()
+    if link is not None:
+        refresher.cancel()
+        metrics.refresh()
     if reporter is not None:
         await reporter.close(timeout=5.0)
     log.info("smtproxy stopped")
 
 
-def run(config: Config) -> int:
+async def _refresh_gauges(metrics: Metrics) -> None:
+    """Workers: copy live gauge values into the shared metric files once a second."""
+    while True:
+        metrics.refresh()
+        await asyncio.sleep(GAUGE_REFRESH_SECONDS)
+
+
+def run(config: Config, workers: int = 1, worker_fd: int | None = None) -> int:
+    """The proxy in this process; with `workers` > 1 a supervisor of that many worker
+    processes (smtproxy.workers); `worker_fd`: this process is one of those workers."""
     log_setup.configure(config.log.format, config.log.level)
     try:
-        uvloop.run(serve(config))
+        if worker_fd is not None:
+            structlog.contextvars.bind_contextvars(worker_pid=os.getpid())
+            uvloop.run(serve(config, WorkerLink(worker_fd)))
+        elif workers > 1:
+            generate_missing_certificates(config)  # once, before workers race to do it
+            return uvloop.run(Supervisor(config, workers).run())
+        else:
+            uvloop.run(serve(config))
     except StartupError as exc:
         log.error(str(exc))
         return 1

@@ -15,6 +15,9 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run the proxy")
     run.add_argument("--config", required=True, help="TOML configuration file")
+    run.add_argument("--workers", type=_positive, default=1,
+                     help="worker processes sharing the listeners (SO_REUSEPORT); default 1")
+    run.add_argument("--worker-fd", type=int, help=argparse.SUPPRESS)  # set by the supervisor
     check = commands.add_parser("check", help="validate the configuration and print it with defaults")
     check.add_argument("--config", required=True, help="TOML configuration file")
     policy = commands.add_parser(
@@ -26,6 +29,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 POLICY_USAGE = "--config FILE NEXTHOP (example.com, [mx.example.net]:25) | import-qmail TLSDESTINATIONS"
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: allowed: a whole number >= 1")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from smtproxy import app  # imported late: `check` must not need uvloop or the TLS layer
 
-    return app.run(config)
+    return app.run(config, args.workers, args.worker_fd)
 
 
 def _policy(args: argparse.Namespace) -> int:

@@ -7,10 +7,15 @@ set or a strict pattern first, so no domain, address or free text can become a s
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable, Collection
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+
+# Set for worker processes by the supervisor (smtproxy.workers): prometheus-client then
+# keeps every value in files there, and the supervisor's /metrics sums them.
+MULTIPROCESS_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 
 from smtproxy.events import (
     ConnectionReuse,
@@ -73,6 +78,8 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
+        self.multiprocess = MULTIPROCESS_DIR_VARIABLE in os.environ
+        self._watched: list[tuple[Gauge, Callable[[], int]]] = []
         ProcessCollector(registry=self.registry)
         family = {"namespace": "smtproxy", "registry": self.registry}
         self.handshakes = Counter(
@@ -89,11 +96,11 @@ class Metrics:
             "connections", "Closed client connections; tls: whether TLS was active at the end.",
             ["direction", "tls"], **family)
         self.connections_active = Gauge(
-            "connections_active", "Open client connections.", ["direction"], **family)
+            "connections_active", "Open client connections.", ["direction"], multiprocess_mode="livesum", **family)
         self.connections_cached = Gauge(
-            "connections_cached", "Idle outbound connections kept for reuse.", **family)
+            "connections_cached", "Idle outbound connections kept for reuse.", multiprocess_mode="livesum", **family)
         self.tls_sessions_cached = Gauge(
-            "tls_sessions_cached", "Outbound TLS sessions kept for resumption.", **family)
+            "tls_sessions_cached", "Outbound TLS sessions kept for resumption.", multiprocess_mode="livesum", **family)
         self.connection_reuse = Counter(
             "connection_reuse", "Outbound connections needed: new, reused from the cache, or stale.",
             ["outcome"], **family)
@@ -124,11 +131,23 @@ class Metrics:
     # ------------------------------------------------------------------ gauges
 
     def watch_connections(self, direction: Direction, active: Callable[[], int]) -> None:
-        self.connections_active.labels(str(direction)).set_function(active)
+        self._watch(self.connections_active.labels(str(direction)), active)
 
     def watch_caches(self, connections: Callable[[], int], tls_sessions: Callable[[], int]) -> None:
-        self.connections_cached.set_function(connections)
-        self.tls_sessions_cached.set_function(tls_sessions)
+        self._watch(self.connections_cached, connections)
+        self._watch(self.tls_sessions_cached, tls_sessions)
+
+    def _watch(self, gauge: Gauge, read: Callable[[], int]) -> None:
+        """Read at scrape time; in a worker process (multiprocess mode, where the supervisor
+        scrapes files and cannot call us) `refresh()` copies the value in instead."""
+        if self.multiprocess:
+            self._watched.append((gauge, read))
+        else:
+            gauge.set_function(read)
+
+    def refresh(self) -> None:
+        for gauge, read in self._watched:
+            gauge.set(read())
 
     def watch_backend(self, up: Callable[[], bool]) -> None:
         """Only registered when there is a backend, so `backend_up == 0` always means down."""

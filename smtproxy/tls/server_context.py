@@ -23,8 +23,11 @@ _VERSIONS = {
 
 
 class ServerTls:
-    def __init__(self, tls_cfg, certificates) -> None:
+    def __init__(self, tls_cfg, certificates, ticket_keys: bytes | None = None) -> None:
+        """`ticket_keys`: session-ticket keys shared with the other worker processes, so a
+        client resumes whichever worker its next connection lands on; None: OpenSSL's own."""
         self.config = tls_cfg
+        self._ticket_keys = ticket_keys
         chains = list(certificates)
         # A name gets every chain that lists it (an ECDSA chain for [a, b] and an RSA chain
         # for [a] put both key types behind a); chains listing no name are the default.
@@ -61,6 +64,8 @@ class ServerTls:
         context.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_COMPRESSION
         if not cfg.session_tickets:
             context.options |= ssl.OP_NO_TICKET
+        elif self._ticket_keys is not None:
+            openssl_ext.set_ticket_keys(context, self._ticket_keys)
         if cfg.ciphers:
             context.set_ciphers(cfg.ciphers)
         details: dict[str, str | None] = {}

@@ -1,0 +1,206 @@
+"""`smtproxy run --workers N`: N worker processes share the listeners through SO_REUSEPORT.
+
+The supervisor (this process) starts each worker as a fresh interpreter
+(`smtproxy run --worker-fd FD`), hands all of them the same session-ticket keys over a
+private socket pair — so a client resumes its TLS session whichever worker its next
+connection lands on — and waits until every worker has bound its listeners.  It then
+serves /metrics, /healthz and /readyz for all of them: workers keep their metric values in
+files (prometheus-client's multiprocess mode) that the supervisor's scrape sums.  SIGTERM
+and SIGHUP are passed on to the workers; a worker that dies is started again.  A worker
+whose supervisor vanishes (its end of the socket pair closes) drains and stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+
+import structlog
+from prometheus_client import CollectorRegistry, multiprocess
+
+from smtproxy.config import Config
+from smtproxy.telemetry.http import MetricsServer, Readiness
+from smtproxy.telemetry.metrics import MULTIPROCESS_DIR_VARIABLE
+from smtproxy.tls.openssl_ext import TICKET_KEYS_LENGTH
+
+log = structlog.get_logger("smtproxy")
+
+READY = b"R"
+START_TIMEOUT = 30.0
+RESTART_DELAY = 1.0  # a worker that keeps dying is restarted at most once a second
+
+
+class WorkerLink:
+    """The worker's end of its socket pair: ticket keys in, "ready" out, supervisor's life."""
+
+    def __init__(self, fd: int) -> None:
+        self.sock = socket.socket(fileno=fd)
+        self.sock.setblocking(True)
+        keys = b""
+        while len(keys) < TICKET_KEYS_LENGTH:
+            chunk = self.sock.recv(TICKET_KEYS_LENGTH - len(keys))
+            if not chunk:
+                raise OSError("the supervisor closed the worker channel before sending ticket keys")
+            keys += chunk
+        self.ticket_keys = keys
+        self.sock.setblocking(False)
+
+    def ready(self) -> None:
+        self.sock.send(READY)
+
+    def on_supervisor_gone(self, callback) -> None:
+        """Call `callback` once the supervisor's end closes."""
+        loop = asyncio.get_running_loop()
+
+        def readable() -> None:
+            try:
+                data = self.sock.recv(64)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                loop.remove_reader(self.sock.fileno())
+                callback()
+
+        loop.add_reader(self.sock.fileno(), readable)
+
+
+class _Worker:
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.process: asyncio.subprocess.Process | None = None
+        self.channel: socket.socket | None = None
+        self.ready = False
+        self.started = 0.0
+
+
+class Supervisor:
+    def __init__(self, config: Config, count: int) -> None:
+        assert config.source is not None
+        self.config = config
+        self.workers = [_Worker(index) for index in range(count)]
+        self.ticket_keys = os.urandom(TICKET_KEYS_LENGTH)
+        self.metrics_dir = tempfile.mkdtemp(prefix="smtproxy-metrics-")
+        self.stopping = asyncio.Event()
+        self._changed = asyncio.Event()
+
+    async def _start(self, worker: _Worker) -> None:
+        ours, theirs = socket.socketpair()
+        env = {**os.environ, MULTIPROCESS_DIR_VARIABLE: self.metrics_dir}
+        worker.process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "smtproxy", "run", "--config", str(self.config.source),
+            "--worker-fd", str(theirs.fileno()), pass_fds=(theirs.fileno(),), env=env, stdin=asyncio.subprocess.DEVNULL)
+        theirs.close()
+        ours.sendall(self.ticket_keys)
+        ours.setblocking(False)
+        worker.channel, worker.ready, worker.started = ours, False, time.monotonic()
+        asyncio.get_running_loop().create_task(self._watch(worker, worker.process, ours))
+
+    async def _watch(self, worker: _Worker, process: asyncio.subprocess.Process, channel: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            if await loop.sock_recv(channel, 1) == READY:
+                worker.ready = True
+                self._changed.set()
+        except OSError:
+            pass
+        code = await process.wait()
+        channel.close()
+        worker.ready = False
+        multiprocess.mark_process_dead(process.pid, self.metrics_dir)
+        if not self.stopping.is_set():
+            log.error("worker exited", worker=worker.index, pid=process.pid, status=code)
+        self._changed.set()
+
+    def _all_ready(self) -> bool:
+        return all(worker.ready for worker in self.workers)
+
+    def _signal(self, signum: int) -> None:
+        for worker in self.workers:
+            if worker.process is not None and worker.process.returncode is None:
+                worker.process.send_signal(signum)
+
+    async def _wait_started(self) -> bool:
+        deadline = time.monotonic() + START_TIMEOUT
+        while not self._all_ready():
+            if any(w.process is not None and w.process.returncode is not None for w in self.workers):
+                return False
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                return False
+        return True
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self.stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, self._signal, signal.SIGHUP)
+        try:
+            for worker in self.workers:
+                await self._start(worker)
+            if not await self._wait_started():
+                log.error("a worker did not start; stopping")
+                await self._stop_workers()
+                return 1
+            metrics_server = await self._serve_metrics()
+            log.info("smtproxy ready", workers=len(self.workers), pids=[w.process.pid for w in self.workers],
+                     backend=str(self.config.inbound.backend))
+            await self._keep_running()
+            log.info("smtproxy stopping", workers=len(self.workers))
+            await self._stop_workers()
+            if metrics_server is not None:
+                metrics_server.close()
+            log.info("smtproxy stopped")
+            return 0
+        finally:
+            shutil.rmtree(self.metrics_dir, ignore_errors=True)
+
+    async def _keep_running(self) -> None:
+        stop = asyncio.ensure_future(self.stopping.wait())
+        while not self.stopping.is_set():
+            self._changed.clear()
+            changed = asyncio.ensure_future(self._changed.wait())
+            await asyncio.wait({stop, changed}, return_when=asyncio.FIRST_COMPLETED)
+            changed.cancel()
+            for worker in self.workers:
+                if self.stopping.is_set() or worker.process is None or worker.process.returncode is None:
+                    continue
+                delay = RESTART_DELAY - (time.monotonic() - worker.started)
+                if delay > 0:
+                    await asyncio.sleep(delay)  # crash-loop brake, not synchronisation
+                log.warning("restarting worker", worker=worker.index)
+                await self._start(worker)
+
+    async def _serve_metrics(self) -> MetricsServer | None:
+        listen = self.config.metrics.listen
+        if listen is None:
+            return None
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=self.metrics_dir)
+        inbound = self.config.inbound
+        backend = inbound.backend if inbound.listen or inbound.implicit_tls_listen else None
+        readiness = Readiness(lambda: self._all_ready() and not self.stopping.is_set(), backend,
+                              inbound.backend_connect_timeout)
+        server = MetricsServer(registry, readiness)
+        await server.start(listen)
+        return server
+
+    async def _stop_workers(self) -> None:
+        self._signal(signal.SIGTERM)
+        timeout = max(self.config.inbound.drain_timeout, self.config.outbound.drain_timeout) + 10
+        processes = [w.process for w in self.workers if w.process is not None]
+        _, pending = await asyncio.wait([asyncio.ensure_future(p.wait()) for p in processes], timeout=timeout)
+        if pending:
+            for process in processes:
+                if process.returncode is None:
+                    process.kill()
+            await asyncio.wait(pending, timeout=5)

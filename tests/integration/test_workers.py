@@ -1,0 +1,108 @@
+"""`smtproxy run --workers N`: workers share the listeners, resume each other's TLS
+sessions (shared ticket keys), are summed in one scrape, and are restarted when they die.
+
+Real peers: a plaintext Postfix as the legacy MTA, `openssl s_client -sess_out/-sess_in`
+as the resuming client, the supervisor's own /metrics endpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import urllib.request
+
+import pytest
+
+from tests.integration.peers import (
+    LOOPBACK,
+    PostfixInstance,
+    SmtproxyProcess,
+    free_port,
+    openssl_s_client,
+    wait_until,
+    write_config,
+)
+
+pytestmark = pytest.mark.integration
+
+HOSTNAME = "mx.example.test"
+RECONNECTS = 12
+
+
+@pytest.fixture
+def workers(tmp_path, postfix_factory, pki):
+    legacy: PostfixInstance = postfix_factory()
+    cert = pki.server_cert(HOSTNAME)
+    port, metrics_port = free_port(), free_port()
+    config = {
+        "inbound": {"listen": [f"{LOOPBACK}:{port}"], "implicit_tls_listen": [],
+                    "backend": f"{LOOPBACK}:{legacy.port}", "hostname": HOSTNAME,
+                    "certificates": [{"cert_file": str(cert.cert_file), "key_file": str(cert.key_file)}]},
+        "outbound": {"listen": []},
+        "metrics": {"listen": f"{LOOPBACK}:{metrics_port}"},
+        "tlsrpt": {"socket": ""},
+        "log": {"format": "json", "level": "info"},
+    }
+    process = SmtproxyProcess(write_config(tmp_path / "proxy", config), args=("--workers", "2")).start()
+    try:
+        process.wait_ready()
+        yield process, port, metrics_port
+    finally:
+        process.stop()
+        print(f"--- smtproxy output ---\n{process.output_text()}")
+
+
+def s_client(port: int, session_file, *, resume: bool) -> str:
+    option = "-sess_in" if resume else "-sess_out"
+    result = openssl_s_client(port, args=["-tls1_3", option, str(session_file), "-servername", HOSTNAME],
+                              input=b"QUIT\r\n")
+    return result.stdout
+
+
+def handshakes(process: SmtproxyProcess, count: int) -> list[dict]:
+    def enough() -> list[dict] | None:
+        found = [r for r in process.logs() if "TLS connection established from" in r["event"]]
+        return found if len(found) >= count else None
+
+    return wait_until(enough, 20, f"{count} handshake log lines")
+
+
+def scrape(metrics_port: int) -> str:
+    with urllib.request.urlopen(f"http://{LOOPBACK}:{metrics_port}/metrics", timeout=10) as response:
+        return response.read().decode()
+
+
+def test_sessions_resume_on_whichever_worker_and_one_scrape_sums_them(workers, tmp_path):
+    process, port, metrics_port = workers
+    ready = process.wait_for_log("smtproxy ready")
+    assert len(ready["pids"]) == 2
+    session = tmp_path / "session.pem"
+    assert "Reused" not in s_client(port, session, resume=False)
+    outputs = [s_client(port, session, resume=True) for _ in range(RECONNECTS)]
+    assert all("Reused, TLSv1.3" in output for output in outputs), [o[-400:] for o in outputs]
+
+    facts = handshakes(process, 1 + RECONNECTS)
+    assert [r["resumed"] for r in facts] == [False] + [True] * RECONNECTS
+    # both workers served resumed handshakes: sessions really crossed worker processes
+    assert {r["worker_pid"] for r in facts[1:]} == set(ready["pids"]), facts
+
+    def summed() -> float | None:
+        text = scrape(metrics_port)
+        values = re.findall(r'^smtproxy_tls_handshakes_total\{[^}]*direction="inbound"[^}]*\} (\S+)$', text, re.M)
+        total = sum(float(v) for v in values)
+        return total if total >= 1 + RECONNECTS else None
+
+    assert wait_until(summed, 10, "the supervisor's scrape to count every handshake") == 1 + RECONNECTS
+
+
+def test_a_dead_worker_is_restarted_and_the_proxy_keeps_serving(workers, tmp_path):
+    process, port, _ = workers
+    ready = process.wait_for_log("smtproxy ready")
+    victim = ready["pids"][0]
+    os.kill(victim, signal.SIGKILL)
+    process.wait_for_log(lambda r: r["event"] == "worker exited" and r["pid"] == victim)
+    process.wait_for_log(lambda r: r["event"] == "worker ready" and r.get("worker_pid") not in ready["pids"])
+    for attempt in range(4):
+        assert "Verify return code" in s_client(port, tmp_path / f"s{attempt}.pem", resume=False)
+    assert process.returncode is None
