@@ -608,6 +608,95 @@ class InboundConfig:
                               f"at least one [[{key}.certificates]] table, because {reason}")
 
 
+SENDER_DOMAIN_ALLOWED = "a sender domain like example.com, or .example.com for its subdomains"
+DOMAINCERTS_FORM = ("domain:certificate|keyfile|password per line, .domain for subdomains, * for other "
+                    "senders (s/qmail control/domaincerts)")
+
+
+def _required(kind: Kind) -> Kind:
+    kind.required = True
+    return kind
+
+
+def _sender_domain_or_none(text: str) -> str | None:
+    name = text.lower()
+    rest = name[1:] if name.startswith(".") else name
+    return name if _is_host_name(rest) and not rest.endswith(".") else None
+
+
+@dataclasses.dataclass(frozen=True)
+class SenderCertificateConfig:
+    """One `[[outbound.tls.sender_certificates]]`: the client certificate presented for mail
+    from these envelope sender domains."""
+
+    sender_domains: tuple[str, ...] = _key(_required(
+        ListOf(_sender_domain_or_none, SENDER_DOMAIN_ALLOWED, "sender domains")))
+    cert_file: Path = _key(FilePath(optional=False, must_exist=True, what="a file path (PEM certificate chain)"))
+    key_file: Path | None = _key(FilePath(optional=True, must_exist=True, what="a file path (PEM private key)"), None)
+
+    def _validate(self, key: str, ctx: _Context) -> None:
+        if not self.sender_domains:
+            raise ConfigError(f"{key}.sender_domains", [], "a list of one or more sender domains "
+                                                           "(example.com, or .example.com for its subdomains)")
+
+
+@dataclasses.dataclass(frozen=True)
+class DomainCert:
+    """One line of an s/qmail `control/domaincerts` file (`load_domaincerts`)."""
+
+    domain: str  # lower case: example.com, .example.com, or * (every other sender)
+    cert_file: Path
+    key_file: Path | None  # None: the key is in cert_file
+    password: str | None = dataclasses.field(repr=False)
+    line: int
+
+
+def load_domaincerts(path: Path, key: str = "outbound.tls.domaincerts_file") -> tuple[DomainCert, ...]:
+    """s/qmail's qmail-remote(8) `domaincerts`: `domain:certificate|keyfile|password`, keyfile
+    and password optional; ConfigError (one line, naming the line) on any problem.  The
+    password is never shown in an error."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise ConfigError(key, str(path), "a readable file", problem=f"cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(key, str(path), "UTF-8 text", problem=f"not UTF-8 (byte {exc.start})") from None
+    entries: list[DomainCert] = []
+    first: dict[str, int] = {}
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        domain_text, colon, info = line.partition(":")
+
+        def fail(problem: str, allowed: str = DOMAINCERTS_FORM) -> ConfigError:
+            return ConfigError(key, str(path), allowed, problem=f"line {number} ({domain_text}): {problem}")
+
+        if not colon:
+            raise fail("no colon")
+        domain = "*" if domain_text == "*" else _sender_domain_or_none(domain_text)
+        if domain is None:
+            raise fail("not a sender domain", f"{SENDER_DOMAIN_ALLOWED}, or *")
+        if domain in first:
+            raise fail(f"already given on line {first[domain]}", "each sender domain once")
+        cert_text, _, rest = info.partition("|")
+        key_text, _, password = rest.partition("|")
+        cert_file = _domaincerts_path(cert_text, "certificate", fail)
+        key_file = _domaincerts_path(key_text, "keyfile", fail) if key_text else None
+        first[domain] = number
+        entries.append(DomainCert(domain, cert_file, key_file, password or None, number))
+    return tuple(entries)
+
+
+def _domaincerts_path(name: str, what: str, fail: Callable[..., ConfigError]) -> Path:
+    if not name.startswith("/"):
+        raise fail(f'{what} "{name}" is not an absolute file name',
+                   "absolute file names (s/qmail reads relative names from its home directory)")
+    if not Path(name).is_file():
+        raise fail(f'{what} "{name}" is not an existing file', "existing files")
+    return Path(name)
+
+
 @dataclasses.dataclass(frozen=True)
 class OutboundTlsConfig:
     """`[outbound.tls]`: the client side of outbound STARTTLS."""
@@ -617,13 +706,34 @@ class OutboundTlsConfig:
     ciphers: str = _key(Ciphers(), "")
     client_cert_file: Path | None = _key(FilePath(optional=True, must_exist=True), None)
     client_key_file: Path | None = _key(FilePath(optional=True, must_exist=True), None)
+    domaincerts_file: Path | None = _key(FilePath(
+        optional=True, must_exist=True, what="a file path (s/qmail control/domaincerts syntax)"), None)
     session_cache_timeout: int = _key(Integer(0, zero="no session cache"), 3600)
+    sender_certificates: tuple[SenderCertificateConfig, ...] = _key(TableArray(SenderCertificateConfig), ())
 
     def _validate(self, key: str, ctx: _Context) -> None:
         _check_protocol_range(key, self.min_protocol, self.max_protocol)
         for name, other in (("client_cert_file", "client_key_file"), ("client_key_file", "client_cert_file")):
             if getattr(self, name) is None and getattr(self, other) is not None:
                 raise ConfigError(f"{key}.{name}", "", f"a file path, because {key}.{other} is set")
+        where: dict[str, str] = {}
+        for index, entry in enumerate(self.sender_certificates):
+            for position, domain in enumerate(entry.sender_domains):
+                here = f"{key}.sender_certificates[{index}].sender_domains[{position}]"
+                if domain in where:
+                    raise ConfigError(here, domain, f"each sender domain once (already in {where[domain]})")
+                where[domain] = here
+        if self.domaincerts_file is None or not ctx.check_files:
+            return
+        for line in load_domaincerts(self.domaincerts_file, f"{key}.domaincerts_file"):
+            problem = None
+            if line.domain == "*" and self.client_cert_file is not None:
+                problem, allowed = "* names a default certificate", f"no * line while {key}.client_cert_file is set"
+            elif line.domain in where:
+                problem, allowed = f"{line.domain} is already in {where[line.domain]}", "each sender domain once"
+            if problem:
+                raise ConfigError(f"{key}.domaincerts_file", str(self.domaincerts_file), allowed,
+                                  problem=f"line {line.line} ({line.domain}): {problem}")
 
 
 @dataclasses.dataclass(frozen=True)

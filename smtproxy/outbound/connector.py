@@ -20,7 +20,7 @@ from smtproxy.outbound.upstream import UpstreamConnection, UpstreamError
 from smtproxy.policy.levels import Level, Policy, PolicyDecision
 from smtproxy.routing.router import Destination, Target
 from smtproxy.smtp import EhloReply, Reply
-from smtproxy.tls.client_context import ClientTls
+from smtproxy.tls.client_context import ClientCertificate, ClientTls
 from smtproxy.tls.engine import TlsHandshakeError
 from smtproxy.tls.facts import build_facts
 from smtproxy.tls.session_cache import SessionCache
@@ -59,6 +59,7 @@ class RemoteSession:
     reused: bool = False
     opened: float = dataclasses.field(default_factory=time.monotonic)
     cache_key: tuple | None = None  # set by the connection pool while the session is out
+    client_certificate: ClientCertificate | None = None  # offered at STARTTLS; part of every cache key
 
     @property
     def peer(self) -> str:
@@ -111,9 +112,12 @@ class Connector:
         after a transaction, when TLS 1.3 tickets have arrived)."""
         engine = remote.connection.engine
         if engine is not None and engine.handshake_done and remote.facts is not None and remote.facts.ok:
-            self.sessions.put(_session_key(remote.target, remote.policy), engine.ssl_object.session)
+            self.sessions.put(_session_key(remote.target, remote.policy, remote.client_certificate),
+                              engine.ssl_object.session)
 
-    async def connect(self, domain: str, destination: Destination, decision: PolicyDecision) -> RemoteSession:
+    async def connect(self, domain: str, destination: Destination, decision: PolicyDecision,
+                      certificate: ClientCertificate | None = None) -> RemoteSession:
+        """`certificate`: the client certificate for this mail's sender (`ClientTls.certificate_for`)."""
         policy = decision.policy
         if policy.level is Level.DANE_ONLY:
             log.warning("dane-only: DANE lookups are not implemented yet; deferring", domain=domain)
@@ -125,10 +129,11 @@ class Connector:
         failures: list[_Failure] = []
         for target in destination.targets:
             try:
-                return await self._attempt(domain, destination.nexthop, target, policy, use_tls=True)
+                return await self._attempt(domain, destination.nexthop, target, policy, certificate, use_tls=True)
             except _RetryInPlaintext:
                 try:
-                    return await self._attempt(domain, destination.nexthop, target, policy, use_tls=False)
+                    return await self._attempt(domain, destination.nexthop, target, policy, certificate,
+                                               use_tls=False)
                 except _TryNext as exc:
                     failures.append(exc.failure)
             except _TryNext as exc:
@@ -142,8 +147,8 @@ class Connector:
             raise DeliveryFailure(Reply.of(451, "4.7.5", policy_failures[-1].text))
         raise DeliveryFailure(Reply.of(451, "4.4.1", failures[-1].text))
 
-    async def _attempt(self, domain: str, nexthop: str, target: Target, policy: Policy, *,
-                       use_tls: bool) -> RemoteSession:
+    async def _attempt(self, domain: str, nexthop: str, target: Target, policy: Policy,
+                       certificate: ClientCertificate | None, *, use_tls: bool) -> RemoteSession:
         settings = self.settings
         where = f"{target.hostname}[{target.address}]:{target.port}"
         try:
@@ -159,14 +164,15 @@ class Connector:
             facts = None
             if use_tls and policy.level.tls_wanted:
                 if ehlo.has("STARTTLS"):
-                    facts = await self._start_tls(connection, domain, nexthop, target, policy, greeting)
+                    facts = await self._start_tls(connection, domain, nexthop, target, policy, greeting,
+                                                  certificate)
                     if facts is not None:
                         ehlo = await self._ehlo(connection, where, policy)
                 elif policy.level.tls_required:
                     self._publish_failure(domain, target, connection, greeting, policy,
                                           "starttls-not-supported", "starttls_not_offered")
                     raise _TryNext(_Failure(f"TLS is required, but was not offered by host {where}", policy=True))
-            return RemoteSession(connection, target, nexthop, policy, ehlo, facts)
+            return RemoteSession(connection, target, nexthop, policy, ehlo, facts, client_certificate=certificate)
         except UpstreamError as exc:
             connection.abort()
             raise _TryNext(_Failure(f"conversation with {where}: {exc.reason}")) from None
@@ -186,7 +192,8 @@ class Connector:
         return EhloReply(helo.lines[0])
 
     async def _start_tls(self, connection: UpstreamConnection, domain: str, nexthop: str, target: Target,
-                         policy: Policy, greeting: Reply) -> HandshakeFacts | None:
+                         policy: Policy, greeting: Reply,
+                         certificate: ClientCertificate | None) -> HandshakeFacts | None:
         """The facts of a verified-enough handshake; None: STARTTLS refused under `may`."""
         where = f"{target.hostname}[{target.address}]:{target.port}"
         reply = await connection.command("STARTTLS", self.settings.reply_timeout)
@@ -198,9 +205,9 @@ class Connector:
                                         f"{reply.code} {reply.text}", policy=True))
             log.info(f"host {where} refused to start TLS; continuing in plaintext", reply=reply.text)
             return None
-        session_key = _session_key(target, policy)
+        session_key = _session_key(target, policy, certificate)
         engine = self.client_tls.new_engine(policy, server_hostname=self._server_name(policy, target, nexthop),
-                                            session=self.sessions.get(session_key))
+                                            session=self.sessions.get(session_key), certificate=certificate)
         started = time.monotonic()
         try:
             await connection.start_tls(engine, self.settings.handshake_timeout)
@@ -261,8 +268,9 @@ class Connector:
             policy_level=str(policy.level)))
 
 
-def _session_key(target: Target, policy: Policy) -> tuple:
-    return (target.hostname.lower(), target.address, target.port, policy)
+def _session_key(target: Target, policy: Policy, certificate: ClientCertificate | None) -> tuple:
+    """A TLS session resumes only for the same server, policy and client certificate."""
+    return (target.hostname.lower(), target.address, target.port, policy, certificate)
 
 
 def _greeting_name(greeting: Reply) -> str | None:

@@ -23,6 +23,7 @@ from smtproxy.outbound.connector import Connector, RemoteSession
 from smtproxy.outbound.upstream import UpstreamError
 from smtproxy.policy.levels import PolicyDecision
 from smtproxy.routing.router import Destination
+from smtproxy.tls.client_context import ClientCertificate
 
 log = structlog.get_logger("smtproxy.outbound")
 
@@ -56,11 +57,13 @@ class ConnectionPool:
     def idle_connections(self) -> int:
         return sum(len(queue) for queue in self._idle.values())
 
-    async def acquire(self, domain: str, destination: Destination, decision: PolicyDecision) -> RemoteSession:
-        key = (destination.nexthop.lower(), destination.pinned, decision.policy)
+    async def acquire(self, domain: str, destination: Destination, decision: PolicyDecision,
+                      certificate: ClientCertificate | None = None) -> RemoteSession:
+        # the client certificate too: one sender's connection never carries another's mail
+        key = (destination.nexthop.lower(), destination.pinned, decision.policy, certificate)
         remote = self._take(key) if decision.policy.connection_reuse else None
         if remote is None:
-            remote = await self.connector.connect(domain, destination, decision)
+            remote = await self.connector.connect(domain, destination, decision, certificate)
             self.bus.publish(ConnectionReuse("new"))
         remote.cache_key = key
         return remote

@@ -101,7 +101,7 @@ class OutboundServer:
         started = time.monotonic()
         session_log.info(f"connect from unknown[{peer[0]}]", direction="outbound", original_destination=original)
         session = OutboundSession(self.settings, reader, writer,
-                                  lambda domain: self._connect(domain, original, session_log),
+                                  lambda domain, sender: self._connect(domain, sender, original, session_log),
                                   self.pool.release, self.pool.stale, self.bus, session_log)
         try:
             await session.run()
@@ -130,7 +130,8 @@ class OutboundServer:
             return None
         return original
 
-    async def _connect(self, domain: str, original: tuple[str, int] | None, session_log) -> RemoteSession:
+    async def _connect(self, domain: str, sender: str, original: tuple[str, int] | None,
+                       session_log) -> RemoteSession:
         if self.config.mode == "transparent":
             destination = await self._transparent_destination(domain, original)
         else:
@@ -141,9 +142,12 @@ class OutboundServer:
                 raise DeliveryFailure(exc.reply) from None
         decision = self.policies.decide(destination.nexthop if self.config.mode == "relay" else domain)
         level = str(decision.policy.level)
-        session_log.info("policy", domain=domain, nexthop=destination.nexthop, policy_level=level, source=decision.source)
+        pool = self.pool  # its connector's ClientTls picks the sender's client certificate
+        certificate = pool.connector.client_tls.certificate_for(sender)
+        session_log.info("policy", domain=domain, nexthop=destination.nexthop, policy_level=level,
+                         source=decision.source, client_certificate=str(certificate) if certificate else None)
         try:
-            remote = await self.pool.acquire(domain, destination, decision)
+            remote = await pool.acquire(domain, destination, decision, certificate)
         except DeliveryFailure:
             self.bus.publish(PolicyApplied(level, decision.source, "deferred"))
             raise

@@ -57,8 +57,9 @@ class OutboundSettings:
     max_message_size: int
 
 
-# (recipient domain) -> an open remote session ready for MAIL; raises DeliveryFailure
-Connect = Callable[[str], Awaitable[RemoteSession]]
+# (recipient domain, envelope sender) -> an open remote session ready for MAIL; raises
+# DeliveryFailure.  The sender picks the client certificate (s/qmail domaincerts).
+Connect = Callable[[str, str], Awaitable[RemoteSession]]
 # hand a remote session back after a transaction (for reuse, or to close it)
 Release = Callable[[RemoteSession, bool], None]
 # a reused connection failed at its first command: drop it, then try again
@@ -223,13 +224,13 @@ class OutboundSession:
     async def _open_transaction(self, domain: str) -> Reply | None:
         """Connect and send MAIL; a refusal to answer every RCPT of this transaction."""
         assert self.mail is not None
+        sender, params = self.mail
         while True:
             try:
-                remote = await self.connect(domain)
+                remote = await self.connect(domain, sender)
             except DeliveryFailure as exc:
                 self.log.warning("delivery deferred", domain=domain, reply=exc.reply.text)
                 return exc.reply
-            sender, params = self.mail
             if "SMTPUTF8" in params and not remote.ehlo.has("SMTPUTF8"):
                 self.release(remote, True)
                 return Reply.of(553, "5.6.7", f"SMTPUTF8 is required, but was not offered by host {remote.peer}")

@@ -16,6 +16,12 @@ with each server certificate, and a resumed handshake gets the verdicts of its
 certificate (`ChainVerdicts`).  CPython refuses a session made from another SSLContext,
 so the verdicts come from the same trust store and depth limit.  As in OpenSSL's own
 session verify result, which Postfix relies on, a resumed session keeps that verdict.
+
+The client certificate is chosen per envelope sender, as s/qmail's qmail-remote does with
+`control/domaincerts` (`certificate_for`): the sender's domain, then each parent as
+`.domain`, then the default (`client_cert_file`, or the file's `*` line; or none).  It is
+part of the context key, so a context, and a session made from it, belongs to one
+certificate; the connector and the pool key their caches on it too (DESIGN.md invariant 5).
 """
 
 from __future__ import annotations
@@ -27,8 +33,9 @@ import ipaddress
 import ssl
 from pathlib import Path
 
-from smtproxy.config import OutboundTlsConfig
+from smtproxy.config import ConfigError, OutboundTlsConfig, load_domaincerts
 from smtproxy.policy.levels import Level, Policy
+from smtproxy.policy.table import parent_chain
 from smtproxy.tls import openssl_ext
 from smtproxy.tls.engine import TlsEngine, trace_handshakes
 from smtproxy.tls.openssl_ext import VerifyVerdict
@@ -62,12 +69,25 @@ UNKNOWN_RESUMED_CHAIN = VerifyVerdict(depth=0, code=1, message="resumed session 
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class ClientCertificate:
+    """A client certificate chain and its key, as presented to servers that ask for one."""
+
+    cert_file: Path
+    key_file: Path | None = None  # None: the key is in cert_file
+    password: str | None = dataclasses.field(default=None, repr=False)  # s/qmail domaincerts only
+
+    def __str__(self) -> str:
+        return str(self.cert_file)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class _ContextSettings:
     min_protocol: str
     max_protocol: str
     ciphers: str
     ca_file: Path | None
     verify_depth: int | None
+    certificate: ClientCertificate | None
 
 
 class ChainVerdicts:
@@ -126,13 +146,58 @@ def _sni(server_hostname: str | None) -> str | None:
     return None
 
 
+def _load_certificate(context: ssl.SSLContext, certificate: ClientCertificate) -> None:
+    # a callback, so that an encrypted key without a password fails instead of prompting
+    try:
+        context.load_cert_chain(certificate.cert_file, certificate.key_file,
+                                password=lambda: certificate.password or "")
+    except ssl.SSLError as exc:
+        raise ValueError(f"client certificate {certificate.cert_file}: cannot load the chain and its key "
+                         f"(key_file, password): {exc.reason or exc}") from None
+
+
+def _sender_certificates(config: OutboundTlsConfig) -> tuple[ClientCertificate | None, dict[str, ClientCertificate]]:
+    """(default, sender domain -> certificate) from [outbound.tls]; config validation refuses
+    conflicts, and without it the TOML keys win over the domaincerts file."""
+    default = ClientCertificate(config.client_cert_file, config.client_key_file) if config.client_cert_file else None
+    by_domain: dict[str, ClientCertificate] = {}
+    for entry in config.sender_certificates:
+        for domain in entry.sender_domains:
+            by_domain.setdefault(domain, ClientCertificate(entry.cert_file, entry.key_file))
+    try:
+        lines = load_domaincerts(config.domaincerts_file) if config.domaincerts_file else ()
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from None
+    for line in lines:
+        certificate = ClientCertificate(line.cert_file, line.key_file, line.password)
+        if line.domain == "*":
+            default = default or certificate
+        else:
+            by_domain.setdefault(line.domain, certificate)
+    return default, by_domain
+
+
 class ClientTls:
     def __init__(self, tls_config: OutboundTlsConfig, ca_file: Path | None) -> None:
         self.config = tls_config
         self.ca_file = ca_file
         self._contexts: dict[_ContextSettings, tuple[ssl.SSLContext, ChainVerdicts]] = {}
+        self.default_certificate, self._by_sender_domain = _sender_certificates(tls_config)
+        for certificate in {self.default_certificate, *self._by_sender_domain.values()} - {None}:
+            _load_certificate(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT), certificate)  # fail on start, not on mail
 
-    def _settings(self, policy: Policy) -> _ContextSettings:
+    def certificate_for(self, sender: str) -> ClientCertificate | None:
+        """The client certificate for mail from envelope sender `sender` ("" for <>):
+        s/qmail's tls_domaincerts() order, then the default."""
+        _, at, domain = sender.rpartition("@")
+        domain = domain.rstrip(".").lower()
+        if at and domain and not domain.startswith("["):
+            for candidate in parent_chain(domain):
+                if candidate in self._by_sender_domain:
+                    return self._by_sender_domain[candidate]
+        return self.default_certificate
+
+    def _settings(self, policy: Policy, certificate: ClientCertificate | None) -> _ContextSettings:
         if policy.ciphers is None:
             base = self.config.ciphers or _PYTHON_CIPHERS
         elif policy.ciphers in CIPHER_GRADES:
@@ -146,10 +211,11 @@ class ClientTls:
             ciphers=base + "".join(f":!{name}" for name in excluded),
             ca_file=policy.ca_file or self.ca_file,
             verify_depth=policy.verify_depth,
+            certificate=certificate,
         )
 
-    def _profile(self, policy: Policy) -> tuple[ssl.SSLContext, ChainVerdicts]:
-        settings = self._settings(policy)
+    def _profile(self, policy: Policy, certificate: ClientCertificate | None) -> tuple[ssl.SSLContext, ChainVerdicts]:
+        settings = self._settings(policy, certificate)
         if settings not in self._contexts:
             self._contexts[settings] = self._new_context(settings), ChainVerdicts()
         return self._contexts[settings]
@@ -172,21 +238,24 @@ class ClientTls:
             # Postfix counts the trust anchor (smtp_tls_scert_verifydepth: "1 is sufficient
             # if the issuing CA is listed in a local CA file"); OpenSSL counts intermediates.
             openssl_ext.set_verify_depth(context, max(settings.verify_depth - 1, 0))
-        if self.config.client_cert_file is not None:
-            context.load_cert_chain(self.config.client_cert_file, self.config.client_key_file)
+        if settings.certificate is not None:
+            _load_certificate(context, settings.certificate)
         openssl_ext.accept_and_record_verification(context)
         trace_handshakes(context)
         return context
 
-    def context_for(self, policy: Policy) -> ssl.SSLContext:
-        return self._profile(policy)[0]
+    def context_for(self, policy: Policy, certificate: ClientCertificate | None = None) -> ssl.SSLContext:
+        return self._profile(policy, certificate)[0]
 
     def new_engine(
-        self, policy: Policy, server_hostname: str | None, session: ssl.SSLSession | None = None
+        self, policy: Policy, server_hostname: str | None, session: ssl.SSLSession | None = None,
+        certificate: ClientCertificate | None = None,
     ) -> TlsEngine:
         """A client engine; `server_hostname` is only the SNI (never checked by OpenSSL).
+        `certificate` (from `certificate_for`; None: none) is presented when the server asks.
 
-        `session` must come from an engine of an identical policy (DESIGN.md invariant 5).
+        `session` must come from an engine of an identical policy and certificate (DESIGN.md
+        invariant 5).
         """
-        context, chain_verdicts = self._profile(policy)
+        context, chain_verdicts = self._profile(policy, certificate)
         return _ClientEngine(context, chain_verdicts, _sni(server_hostname), session)

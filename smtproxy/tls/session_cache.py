@@ -1,7 +1,7 @@
 """Client-side TLS sessions for resumption, in the spirit of Postfix's tls_scache.
 
-Keyed by everything that decided how the session was made — MX host name, address, port
-and the full `Policy` (the client certificate is global) — so a session is only resumed
+Keyed by everything that decided how the session was made — MX host name, address, port,
+the full `Policy` and the client certificate — so a session is only resumed
 for a destination whose policy is identical to the one it was verified under (DESIGN.md
 invariant 5).  Only sessions from handshakes that passed their level's checks are stored.
 """

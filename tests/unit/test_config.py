@@ -26,9 +26,11 @@ from smtproxy.config import (
     MetricsConfig,
     OutboundConfig,
     OutboundTlsConfig,
+    SenderCertificateConfig,
     TlsrptConfig,
     default_hostname,
     load_config,
+    load_domaincerts,
     parse_address,
     parse_config,
     render_config,
@@ -108,7 +110,8 @@ def test_defaults():
         listen=(Address("127.0.0.1", 10025),), mode="relay", default_level="may", policy_file=None,
         routes_file=None, ca_file=None, port=25, hostname=default_hostname(),
         tls=OutboundTlsConfig(min_protocol="TLSv1.2", max_protocol="TLSv1.3", ciphers="",
-                              client_cert_file=None, client_key_file=None))
+                              client_cert_file=None, client_key_file=None, domaincerts_file=None,
+                              session_cache_timeout=3600, sender_certificates=()))
     assert config.dns == DnsConfig(nameservers=(), timeout=5.0)
     assert config.tlsrpt == TlsrptConfig(socket="/run/tlsrpt/collectd.sock", skip_reused_handshakes=True)
     assert config.metrics == MetricsConfig(listen=Address("0.0.0.0", 9464))
@@ -319,6 +322,27 @@ ERRORS = [
     ("outbound.tls.ciphers", "NONSENSE",
      'outbound.tls.ciphers = "NONSENSE": allowed: an OpenSSL cipher list for TLS 1.2 and older that '
      'selects at least one cipher (see "openssl ciphers"), or "" for the library default'),
+    ("outbound.tls.sender_certificates", {"sender_domains": ["a.example"], "cert_file": "a.pem"},
+     'outbound.tls.sender_certificates = { sender_domains = ["a.example"], cert_file = "a.pem" }: '
+     "allowed: an array of tables ([[outbound.tls.sender_certificates]])"),
+    ("outbound.tls.sender_certificates", [{"cert_file": "a.pem"}],
+     "outbound.tls.sender_certificates[0].sender_domains: required key is missing; allowed: a list of "
+     "sender domains"),
+    ("outbound.tls.sender_certificates", [{"sender_domains": ["a.example"]}],
+     "outbound.tls.sender_certificates[0].cert_file: required key is missing; allowed: a file path "
+     "(PEM certificate chain)"),
+    ("outbound.tls.sender_certificates", [{"sender_domains": ["*"], "cert_file": "a.pem"}],
+     'outbound.tls.sender_certificates[0].sender_domains[0] = "*": allowed: a sender domain like '
+     "example.com, or .example.com for its subdomains"),
+    ("outbound.tls.sender_certificates", [{"sender_domains": ["user@a.example"], "cert_file": "a.pem"}],
+     'outbound.tls.sender_certificates[0].sender_domains[0] = "user@a.example": allowed: a sender domain '
+     "like example.com, or .example.com for its subdomains"),
+    ("outbound.tls.sender_certificates", [{"sender_domains": ["a.example", "A.example"], "cert_file": "a.pem"}],
+     'outbound.tls.sender_certificates[0].sender_domains[1] = "A.example": allowed: a sender domain like '
+     "example.com, or .example.com for its subdomains; each only once"),
+    ("outbound.tls.sender_certificates", [{"sender_domains": ["a.example"], "cert_file": "a.pem", "key": "k"}],
+     "outbound.tls.sender_certificates[0].key: unknown key; allowed keys: sender_domains, cert_file, "
+     "key_file"),
     # [dns]
     ("dns.nameservers", "127.0.0.1", 'dns.nameservers = "127.0.0.1": allowed: a list of IP addresses '
      "(empty: /etc/resolv.conf)"),
@@ -694,6 +718,104 @@ def test_empty_string_means_no_file():
     assert config.inbound.tls.dh_param_file is None and config.outbound.ca_file is None
 
 
+def test_sender_certificates(tmp_path):
+    for name in ("a.pem", "a.key", "b.pem"):
+        touch(tmp_path / name)
+    config = parse(with_cert({"outbound": {"tls": {"sender_certificates": [
+        {"sender_domains": ["A.Example", ".a.example"], "cert_file": "a.pem", "key_file": "a.key"},
+        {"sender_domains": ["b.example"], "cert_file": str(tmp_path / "b.pem"), "key_file": ""},
+    ]}}}), tmp_path)
+    assert config.outbound.tls.sender_certificates == (
+        SenderCertificateConfig(("a.example", ".a.example"), tmp_path / "a.pem", tmp_path / "a.key"),
+        SenderCertificateConfig(("b.example",), tmp_path / "b.pem", None))
+
+
+@pytest.mark.parametrize(("entries", "message"), [
+    ([{"sender_domains": [], "cert_file": "a.pem"}],
+     "outbound.tls.sender_certificates[0].sender_domains = []: allowed: a list of one or more sender "
+     "domains (example.com, or .example.com for its subdomains)"),
+    ([{"sender_domains": ["a.example"], "cert_file": "a.pem"},
+      {"sender_domains": [".a.example", "A.Example"], "cert_file": "b.pem"}],
+     'outbound.tls.sender_certificates[1].sender_domains[1] = "a.example": allowed: each sender domain once '
+     "(already in outbound.tls.sender_certificates[0].sender_domains[0])"),
+])
+def test_sender_certificate_rules(entries, message):
+    assert str(error(with_cert({"outbound": {"tls": {"sender_certificates": entries}}}), check_files=False)) == message
+
+
+def test_sender_certificate_files_must_exist(tmp_path):
+    exc = error(with_cert({"outbound": {"tls": {"sender_certificates": [
+        {"sender_domains": ["a.example"], "cert_file": "a.pem"}]}}}), tmp_path)
+    assert str(exc) == (f'outbound.tls.sender_certificates[0].cert_file = "{tmp_path}/a.pem": file does not exist; '
+                        "allowed: an existing file (PEM certificate chain)")
+
+
+def domaincerts(tmp_path: Path, text: str) -> Path:
+    for name in ("a.pem", "a.key", "b.pem", "star.pem"):
+        touch(tmp_path / name)
+    return touch(tmp_path / "domaincerts", text.replace("DIR", str(tmp_path)))
+
+
+def test_domaincerts_file_in_s_qmail_syntax(tmp_path):
+    path = domaincerts(tmp_path, "# s/qmail control/domaincerts\n\n"
+                                 "A.example:DIR/a.pem|DIR/a.key|secret|with|bars\n"
+                                 ".b.example:DIR/b.pem\n"
+                                 "  c.example:DIR/b.pem||  \n"
+                                 "*:DIR/star.pem|\n")
+    config = parse(with_cert({"outbound": {"tls": {"domaincerts_file": "domaincerts"}}}), tmp_path)
+    assert config.outbound.tls.domaincerts_file == path
+    lines = load_domaincerts(path)
+    assert [(line.domain, line.cert_file, line.key_file, line.password, line.line) for line in lines] == [
+        ("a.example", tmp_path / "a.pem", tmp_path / "a.key", "secret|with|bars", 3),
+        (".b.example", tmp_path / "b.pem", None, None, 4),
+        ("c.example", tmp_path / "b.pem", None, None, 5),
+        ("*", tmp_path / "star.pem", None, None, 6)]
+    assert "secret" not in repr(lines)
+
+
+FORM = ("allowed: domain:certificate|keyfile|password per line, .domain for subdomains, * for other senders "
+        "(s/qmail control/domaincerts)")
+
+
+@pytest.mark.parametrize(("text", "problem"), [
+    ("a.example DIR/a.pem\n", f"line 1 (a.example DIR/a.pem): no colon; {FORM}"),
+    ("\n#\nuser@a.example:DIR/a.pem\n", "line 3 (user@a.example): not a sender domain; allowed: a sender domain "
+                                          "like example.com, or .example.com for its subdomains, or *"),
+    ("a.example:DIR/a.pem\nA.EXAMPLE:DIR/b.pem\n",
+     "line 2 (A.EXAMPLE): already given on line 1; allowed: each sender domain once"),
+    ("a.example:a.pem|DIR/a.key|secret\n", 'line 1 (a.example): certificate "a.pem" is not an absolute file name; '
+     "allowed: absolute file names (s/qmail reads relative names from its home directory)"),
+    ("a.example:\n", 'line 1 (a.example): certificate "" is not an absolute file name; '
+     "allowed: absolute file names (s/qmail reads relative names from its home directory)"),
+    ("a.example:DIR/a.pem|DIR/none.key|secret\n",
+     'line 1 (a.example): keyfile "DIR/none.key" is not an existing file; allowed: existing files'),
+])
+def test_domaincerts_errors_name_the_line_never_the_password(tmp_path, text, problem):
+    path = domaincerts(tmp_path, text)
+    exc = error(with_cert({"outbound": {"tls": {"domaincerts_file": str(path)}}}), tmp_path)
+    assert str(exc) == f'outbound.tls.domaincerts_file = "{path}": {problem.replace("DIR", str(tmp_path))}'
+    assert exc.key == "outbound.tls.domaincerts_file" and "secret" not in str(exc)
+
+
+@pytest.mark.parametrize(("tls", "problem"), [
+    ({"client_cert_file": "a.pem", "client_key_file": "a.key"},
+     "line 2 (*): * names a default certificate; allowed: no * line while outbound.tls.client_cert_file is set"),
+    ({"sender_certificates": [{"sender_domains": ["x.example", ".b.example"], "cert_file": "b.pem"}]},
+     "line 1 (.b.example): .b.example is already in outbound.tls.sender_certificates[0].sender_domains[1]; "
+     "allowed: each sender domain once"),
+])
+def test_domaincerts_conflicts_with_the_toml_keys(tmp_path, tls, problem):
+    path = domaincerts(tmp_path, ".b.example:DIR/b.pem\n*:DIR/star.pem\n")
+    exc = error(with_cert({"outbound": {"tls": {"domaincerts_file": "domaincerts", **tls}}}), tmp_path)
+    assert str(exc) == f'outbound.tls.domaincerts_file = "{path}": {problem}'
+
+
+def test_domaincerts_file_is_read_only_when_files_are_checked(tmp_path):
+    path = touch(tmp_path / "domaincerts", "no colon here\n")
+    config = parse(with_cert({"outbound": {"tls": {"domaincerts_file": str(path)}}}), check_files=False)
+    assert config.outbound.tls.domaincerts_file == path
+
+
 def test_outbound_client_certificate_needs_its_key(tmp_path):
     touch(tmp_path / "client.pem")
     exc = error(with_cert({"outbound": {"tls": {"client_cert_file": "client.pem"}}}), tmp_path)
@@ -759,6 +881,7 @@ def test_render_round_trip_of_defaults(tmp_path):
 def test_render_round_trip_of_every_key_changed(tmp_path):
     for name in ("a.pem", "a.key", "b.pem", "b.key", "ca.pem", "dh.pem", "policy", "routes", "c.pem", "c.key"):
         touch(tmp_path / name)
+    touch(tmp_path / "domaincerts", f"d.example:{tmp_path}/c.pem|{tmp_path}/c.key\n")
     data = {
         "inbound": {
             "listen": ["127.0.0.1:2500", "[::1]:2500"], "implicit_tls_listen": [],
@@ -788,7 +911,11 @@ def test_render_round_trip_of_every_key_changed(tmp_path):
                      "connection_cache_size": 5, "connection_cache_destination_size": 2,
                      "tls": {"min_protocol": "TLSv1.3", "max_protocol": "TLSv1.3", "ciphers": "HIGH",
                              "client_cert_file": "c.pem", "client_key_file": "c.key",
-                             "session_cache_timeout": 60}},
+                             "domaincerts_file": "domaincerts", "session_cache_timeout": 60,
+                             "sender_certificates": [
+                                 {"sender_domains": ["a.example", ".a.example"], "cert_file": "a.pem",
+                                  "key_file": "a.key"},
+                                 {"sender_domains": ["b.example"], "cert_file": "b.pem"}]}},
         "dns": {"nameservers": ["127.0.0.1:5353", "2001:db8::53"], "timeout": 1.5},
         "tlsrpt": {"socket": 'sock "quoted"\\dir', "skip_reused_handshakes": False},
         "metrics": {"listen": ""},
@@ -806,7 +933,9 @@ def test_render_round_trip_of_every_key_changed(tmp_path):
 
 
 def test_render_lists_every_key(tmp_path):
-    text = render_config(parse(with_cert(), tmp_path))
+    sender = {"sender_domains": ["a.example"], "cert_file": "a.pem"}
+    text = render_config(parse(with_cert({"outbound": {"tls": {"sender_certificates": [sender]}}}), tmp_path,
+                               check_files=False))
     parsed = tomllib.loads(text)
 
     def keys(cls: type, table: dict, prefix: str) -> None:
@@ -821,6 +950,8 @@ def test_render_lists_every_key(tmp_path):
     keys(InboundTlsConfig, parsed["inbound"]["tls"], "inbound.tls.")
     keys(OutboundConfig, parsed["outbound"], "outbound.")
     keys(OutboundTlsConfig, parsed["outbound"]["tls"], "outbound.tls.")
+    keys(SenderCertificateConfig, parsed["outbound"]["tls"]["sender_certificates"][0],
+         "outbound.tls.sender_certificates[0].")
     for name, cls in (("dns", DnsConfig), ("tlsrpt", TlsrptConfig), ("metrics", MetricsConfig), ("log", LogConfig)):
         keys(cls, parsed[name], f"{name}.")
 
@@ -875,7 +1006,7 @@ def docs_tables() -> dict[str, dict[str, str]]:
     tables: dict[str, dict[str, str]] = {}
     current = None
     for line in DOCS.read_text().splitlines():
-        heading = re.fullmatch(r"## `(\[\[?[a-z.]+\]\]?)`", line)
+        heading = re.fullmatch(r"## `(\[\[?[a-z_.]+\]\]?)`", line)
         if heading:
             current = heading.group(1).strip("[]")
             tables[current] = {}
@@ -889,7 +1020,8 @@ def docs_tables() -> dict[str, dict[str, str]]:
 
 SECTIONS = {
     "inbound": InboundConfig, "inbound.certificates": CertificateConfig, "inbound.tls": InboundTlsConfig,
-    "outbound": OutboundConfig, "outbound.tls": OutboundTlsConfig, "dns": DnsConfig,
+    "outbound": OutboundConfig, "outbound.tls": OutboundTlsConfig,
+    "outbound.tls.sender_certificates": SenderCertificateConfig, "dns": DnsConfig,
     "tlsrpt": TlsrptConfig, "metrics": MetricsConfig, "log": LogConfig,
 }
 
@@ -903,7 +1035,7 @@ def test_docs_describe_every_key_with_its_default():
         assert list(documented) == [f.name for f in dataclasses.fields(cls)], name
         values = rendered
         for part in name.split("."):
-            values = values[part]
+            values = values.get(part, [])  # an array of tables with no table is not rendered
         if isinstance(values, list):
             continue  # certificates: no defaults to compare except the flags below
         for key, default in documented.items():
@@ -913,6 +1045,7 @@ def test_docs_describe_every_key_with_its_default():
                 assert values[key] == expected, f"docs: {name}.{key} default {default} != {values[key]!r}"
     assert tables["inbound.certificates"]["self_signed_if_missing"] == "`false`"
     assert tables["inbound.certificates"]["server_names"] == "`[]`"
+    assert tables["outbound.tls.sender_certificates"]["key_file"] == '`""`'
 
 
 def test_docs_complete_file_matches_render_config():

@@ -10,7 +10,7 @@ import trustme
 
 from smtproxy.config import OutboundTlsConfig
 from smtproxy.policy.levels import Level, Policy
-from smtproxy.tls.client_context import UNKNOWN_RESUMED_CHAIN, ChainVerdicts, ClientTls
+from smtproxy.tls.client_context import UNKNOWN_RESUMED_CHAIN, ChainVerdicts, ClientCertificate, ClientTls
 from smtproxy.tls.engine import TlsEngine, TlsHandshakeError
 from smtproxy.tls.openssl_ext import VerifyVerdict
 
@@ -164,8 +164,13 @@ def test_client_certificate_presented(ca: trustme.CA, ca_file: Path, tmp_path: P
     server = server_context(ca.issue_cert(MX))
     server.verify_mode = ssl.CERT_REQUIRED
     ca.configure_trust(server)
-    accepted = handshake(ClientTls(config, ca_file).new_engine(MAY, MX), server)
+    client = ClientTls(config, ca_file)
+    default = client.certificate_for("")  # the null sender gets the global certificate
+    assert default == ClientCertificate(tmp_path / "client.pem", tmp_path / "client.key")
+    accepted = handshake(client.new_engine(MAY, MX, certificate=default), server)
     assert accepted.ssl_object.getpeercert()["subjectAltName"] == (("DNS", "relay.example.org"),)
+    with pytest.raises(TlsHandshakeError):  # certificate=None: none, whatever the default
+        handshake(client.new_engine(MAY, MX), server)
 
 
 @pytest.mark.parametrize(
