@@ -70,7 +70,7 @@ class HandshakeFacts:
     # outbound only: what TLSRPT reports besides the handshake itself
     domain: str | None = None  # the recipient domain (the policy domain)
     local_addr: str | None = None  # sending-mta-ip
-    peer_helo: str | None = None  # the name in the remote's greeting (receiving-mx-helo)
+    peer_helo: str | None = None  # the remote's EHLO reply before STARTTLS, CRLF-joined (receiving-mx-helo)
     policy_level: str | None = None  # the TLS security level the attempt was made under
 
     @property

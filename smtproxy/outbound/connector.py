@@ -161,15 +161,16 @@ class Connector:
             if greeting.code != 220:
                 raise _TryNext(_Failure(f"host {where} refused to talk to me: {greeting.code} {greeting.text}"))
             ehlo = await self._ehlo(connection, where, policy)
+            helo = _reply_text(ehlo.to_reply())
             facts = None
             if use_tls and policy.level.tls_wanted:
                 if ehlo.has("STARTTLS"):
-                    facts = await self._start_tls(connection, domain, nexthop, target, policy, greeting,
+                    facts = await self._start_tls(connection, domain, nexthop, target, policy, helo,
                                                   certificate)
                     if facts is not None:
                         ehlo = await self._ehlo(connection, where, policy)
                 elif policy.level.tls_required:
-                    self._publish_failure(domain, target, connection, greeting, policy,
+                    self._publish_failure(domain, target, connection, helo, policy,
                                           "starttls-not-supported", "starttls_not_offered")
                     raise _TryNext(_Failure(f"TLS is required, but was not offered by host {where}", policy=True))
             return RemoteSession(connection, target, nexthop, policy, ehlo, facts, client_certificate=certificate)
@@ -192,13 +193,13 @@ class Connector:
         return EhloReply(helo.lines[0])
 
     async def _start_tls(self, connection: UpstreamConnection, domain: str, nexthop: str, target: Target,
-                         policy: Policy, greeting: Reply,
+                         policy: Policy, helo: str,
                          certificate: ClientCertificate | None) -> HandshakeFacts | None:
         """The facts of a verified-enough handshake; None: STARTTLS refused under `may`."""
         where = f"{target.hostname}[{target.address}]:{target.port}"
         reply = await connection.command("STARTTLS", self.settings.reply_timeout)
         if reply.code != 220:
-            self._publish_failure(domain, target, connection, greeting, policy, "starttls-not-supported",
+            self._publish_failure(domain, target, connection, helo, policy, "starttls-not-supported",
                                   f"starttls_refused_{reply.code}")
             if policy.level.tls_required:
                 raise _TryNext(_Failure(f"TLS is required, but host {where} refused to start TLS: "
@@ -214,7 +215,7 @@ class Connector:
         except TlsHandshakeError as exc:
             self.sessions.discard(session_key)
             log.warning(f"SSL_connect error to {where}: {exc.reason}", domain=domain)
-            self._publish_failure(domain, target, connection, greeting, policy, exc.failure_type, exc.reason,
+            self._publish_failure(domain, target, connection, helo, policy, exc.failure_type, exc.reason,
                                   duration=time.monotonic() - started)
             if policy.level.tls_required:
                 raise _TryNext(_Failure(f"TLS handshake with {where} failed: {exc.reason}", policy=True)) from None
@@ -228,7 +229,7 @@ class Connector:
                         peer_addr=target.address, peer_port=target.port,
                         duration=time.monotonic() - started, peer_trust=verdict.trust,
                         peer_certificate=verdict.certificate),
-            domain=domain, local_addr=self._local_addr(connection), peer_helo=_greeting_name(greeting),
+            domain=domain, local_addr=self._local_addr(connection), peer_helo=helo,
             policy_level=str(policy.level))
         if verdict.failure is not None:
             self.sessions.discard(session_key)
@@ -259,12 +260,12 @@ class Connector:
         sockname = connection.transport.get_extra_info("sockname")
         return sockname[0] if sockname else None
 
-    def _publish_failure(self, domain: str, target: Target, connection: UpstreamConnection, greeting: Reply,
+    def _publish_failure(self, domain: str, target: Target, connection: UpstreamConnection, helo: str,
                          policy: Policy, failure_type: str, reason: str, duration: float = 0.0) -> None:
         self.bus.publish(HandshakeFacts(
             direction=Direction.OUTBOUND, peer_name=target.hostname, peer_addr=target.address,
             peer_port=target.port, duration=duration, failure_type=failure_type, failure_reason=reason,
-            domain=domain, local_addr=self._local_addr(connection), peer_helo=_greeting_name(greeting),
+            domain=domain, local_addr=self._local_addr(connection), peer_helo=helo,
             policy_level=str(policy.level)))
 
 
@@ -273,6 +274,7 @@ def _session_key(target: Target, policy: Policy, certificate: ClientCertificate 
     return (target.hostname.lower(), target.address, target.port, policy, certificate)
 
 
-def _greeting_name(greeting: Reply) -> str | None:
-    words = greeting.lines[0].split()
-    return words[0] if words else None
+def _reply_text(reply: Reply) -> str:
+    """The EHLO reply before STARTTLS as TLSRPT's receiving-mx-helo wants it: every line
+    with its code, joined by CRLF (what Postfix hands libtlsrpt)."""
+    return reply.serialize().decode("utf-8", "surrogateescape").rstrip("\r\n")

@@ -17,14 +17,11 @@ if not hasattr(ssl.SSLContext, "_msg_callback"):  # pragma: no cover - CPython 3
 _HANDSHAKE = 22
 _READ_SIZE = 256 * 1024
 
-# OpenSSL verify codes -> RFC 8460 result types (everything else: validation-failure)
+# OpenSSL verify codes -> RFC 8460 result types, as Postfix 3.10 reports them: expiry and
+# name mismatch have their own types; every other chain error (self-signed, unknown issuer,
+# ...) is validation-failure with OpenSSL's text as the reason ("self-signed_certificate").
 RESULT_TYPES = {
-    2: "certificate-not-trusted",  # unable to get issuer certificate
     10: "certificate-expired",
-    18: "certificate-not-trusted",  # self-signed certificate
-    19: "certificate-not-trusted",  # self-signed certificate in chain
-    20: "certificate-not-trusted",  # unable to get local issuer certificate
-    21: "certificate-not-trusted",  # unable to verify the first certificate
     62: "certificate-host-mismatch",
 }
 

@@ -330,7 +330,7 @@ def test_daily_report_counts_new_connections_only(collector, start_proxy, remote
     assert proxy.wait_for_events("TLSRPT:", 3) == [
         "TLSRPT: status=success, domain=reported.test, receiving_mx=mx.reported.test[127.0.0.1]",
         "TLSRPT: status=failure, domain=selfsigned.test, receiving_mx=mx.selfsigned.test[127.0.0.4], "
-        "failure_type=certificate_not_trusted, failure_reason=self-signed_certificate",
+        "failure_type=validation_failure, failure_reason=self-signed_certificate",
         "TLSRPT: status=failure, domain=plain.test, receiving_mx=mx.plain.test[127.0.0.5], "
         "failure_type=starttls_not_supported, failure_reason=starttls_not_offered",
     ]
@@ -360,16 +360,21 @@ def test_daily_report_counts_new_connections_only(collector, start_proxy, remote
     assert selfsigned["summary"] == {"total-successful-session-count": 0, "total-failure-session-count": 1}
     [detail] = selfsigned["failure-details"]
     assert detail.pop("sending-mta-ip").startswith("127.")
-    assert detail == {"result-type": "certificate-not-trusted", "receiving-mx-hostname": "mx.selfsigned.test",
-                      "receiving-mx-helo": "mx.selfsigned.test", "receiving-ip": SELF_SIGNED_ADDRESS,
+    # receiving-mx-helo: the whole EHLO reply before STARTTLS, as Postfix reports it
+    helo = detail.pop("receiving-mx-helo")
+    assert helo.startswith("250-mx.selfsigned.test\r\n") and "\r\n250-STARTTLS\r\n" in helo, helo
+    assert detail == {"result-type": "validation-failure", "receiving-mx-hostname": "mx.selfsigned.test",
+                      "receiving-ip": SELF_SIGNED_ADDRESS,
                       "failure-reason-code": "self-signed_certificate", "failed-session-count": 1}
 
     [plain] = reports["plain.test"]["policies"]
     assert plain["summary"] == {"total-successful-session-count": 0, "total-failure-session-count": 1}
     [detail] = plain["failure-details"]
     assert detail.pop("sending-mta-ip").startswith("127.")
+    helo = detail.pop("receiving-mx-helo")
+    assert helo.startswith("250-mx.plain.test\r\n") and "STARTTLS" not in helo, helo
     assert detail == {"result-type": "starttls-not-supported", "receiving-mx-hostname": "mx.plain.test",
-                      "receiving-mx-helo": "mx.plain.test", "receiving-ip": PLAIN_ADDRESS,
+                      "receiving-ip": PLAIN_ADDRESS,
                       "failure-reason-code": "starttls_not_offered", "failed-session-count": 1}
 
 

@@ -125,12 +125,12 @@ def test_expired_is_reported_as_expired(name, client: ClientTls, ca: trustme.CA)
 def test_self_signed_is_not_trusted(client: ClientTls) -> None:
     verdict = judge(client, VERIFY, self_signed_server())
     assert verdict.trust is PeerTrust.UNTRUSTED
-    assert failure_of(verdict) == ("certificate-not-trusted", "self-signed_certificate")
+    assert failure_of(verdict) == ("validation-failure", "self-signed_certificate")
 
 
 def test_unknown_issuer_is_not_trusted(client: ClientTls) -> None:
     verdict = judge(client, VERIFY, server_context(trustme.CA().issue_cert(MX)))
-    assert failure_of(verdict) == ("certificate-not-trusted", "unable_to_get_local_issuer_certificate")
+    assert failure_of(verdict) == ("validation-failure", "unable_to_get_local_issuer_certificate")
 
 
 @pytest.mark.parametrize(
@@ -197,7 +197,7 @@ def test_dane_only_fails_closed_without_tlsa_matching(client: ClientTls, ca: tru
 
 def test_system_store_when_no_ca_file_is_configured(ca: trustme.CA) -> None:
     verdict = judge(ClientTls(OutboundTlsConfig(), None), VERIFY, server_context(ca.issue_cert(MX)))
-    assert failure_of(verdict) == ("certificate-not-trusted", "unable_to_get_local_issuer_certificate")
+    assert failure_of(verdict) == ("validation-failure", "unable_to_get_local_issuer_certificate")
 
 
 def test_policy_ca_file_overrides_the_configured_one(ca: trustme.CA, ca_file: Path, tmp_path: Path) -> None:
@@ -305,7 +305,7 @@ def test_chain_failure_is_the_verdict_nearest_the_leaf() -> None:
         VerifyVerdict(depth=0, code=20, message="unable to get local issuer certificate"),
         VerifyVerdict(depth=0, code=10, message="certificate has expired"),
     ]
-    assert chain_failure(verdicts) == ("certificate-not-trusted", "unable_to_get_local_issuer_certificate")
+    assert chain_failure(verdicts) == ("validation-failure", "unable_to_get_local_issuer_certificate")
     assert chain_failure([VerifyVerdict(depth=0, code=9, message="certificate is not yet valid")]) == (
         "validation-failure", "certificate_is_not_yet_valid",
     )

@@ -32,7 +32,7 @@ SUCCESS = HandshakeFacts(
     direction=Direction.OUTBOUND, peer_name="mx.example.test", peer_addr="192.0.2.25", peer_port=25,
     protocol="TLSv1.3", domain="example.test", local_addr="192.0.2.7", peer_helo="mx.example.test",
     policy_level="verify")
-SELF_SIGNED = dataclasses.replace(SUCCESS, failure_type="certificate-not-trusted",
+SELF_SIGNED = dataclasses.replace(SUCCESS, failure_type="validation-failure",
                                   failure_reason="self-signed_certificate")
 
 
@@ -118,10 +118,10 @@ async def test_failure_datagram(collector):
     await report(run, SELF_SIGNED)
     assert collector.datagrams() == [{"dpv": "1", "d": "example.test", "pr": RECORD, "policies": [
         {"policy-type": 9, "policy-domain": "example.test",
-         "failure-details": [{"c": 203, "s": "192.0.2.7", "n": "mx.example.test", "h": "mx.example.test",
+         "failure-details": [{"c": 205, "s": "192.0.2.7", "n": "mx.example.test", "h": "mx.example.test",
                               "r": "192.0.2.25", "f": "self-signed_certificate"}],
          "t": 1, "f": 1}]}]
-    assert run.published == [TlsrptEventSent("failure", "certificate-not-trusted")]
+    assert run.published == [TlsrptEventSent("failure", "validation-failure")]
 
 
 @pytest.mark.parametrize("item", [
@@ -199,7 +199,7 @@ async def test_postfix_log_lines(collector):
     assert [entry["event"] for entry in logs if entry["event"].startswith("TLSRPT:")] == [
         "TLSRPT: status=success, domain=example.test, receiving_mx=mx.example.test[192.0.2.25]",
         "TLSRPT: status=failure, domain=example.test, receiving_mx=mx.example.test[192.0.2.25], "
-        "failure_type=certificate_not_trusted, failure_reason=self-signed_certificate",
+        "failure_type=validation_failure, failure_reason=self-signed_certificate",
         "TLSRPT: status=failure, domain=example.test, receiving_mx=mx.example.test[192.0.2.25], "
         "failure_type=certificate_host_mismatch",
     ]
