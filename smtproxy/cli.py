@@ -51,11 +51,31 @@ def main(argv: list[str] | None = None) -> int:
         print(f"smtproxy: {args.config}: {exc}", file=sys.stderr)
         return 2
     if args.command == "check":
+        problem = _table_problem(config)
+        if problem is not None:
+            print(f"smtproxy: {problem}", file=sys.stderr)
+            return 2
         print(render_config(config), end="")
         return 0
     from smtproxy import app  # imported late: `check` must not need uvloop or the TLS layer
 
     return app.run(config, args.workers, args.worker_fd)
+
+
+def _table_problem(config) -> str | None:
+    """The first error in the outbound routes and policy tables, as one line; None: fine."""
+    from smtproxy.policy.table import PolicyTable, PolicyTableError
+    from smtproxy.routing.routes import RouteTable, RouteTableError
+
+    outbound = config.outbound
+    try:
+        if outbound.routes_file is not None:
+            RouteTable.load(outbound.routes_file)
+        if outbound.policy_file is not None:
+            PolicyTable.load(outbound.policy_file)
+    except (RouteTableError, PolicyTableError) as exc:
+        return str(exc)
+    return None
 
 
 def _policy(args: argparse.Namespace) -> int:
