@@ -182,6 +182,7 @@ class ClientConnection(asyncio.Protocol):
         self._reading_paused = False
         self._closed = False
         self._idle_timer: asyncio.TimerHandle | None = None
+        self._last_activity = 0.0
         self._backend_timer: asyncio.TimerHandle | None = None
         self._handshake_timer: asyncio.TimerHandle | None = None
         self._backend_task: asyncio.Task[None] | None = None
@@ -330,11 +331,18 @@ class ClientConnection(asyncio.Protocol):
     # ----------------------------------------------------------------- actions
 
     def _execute(self, actions: list[Action]) -> None:
+        """Run the session's actions; replies to the client leave in one write (one TLS
+        record) per batch, flushed before anything that must follow them on the wire."""
         assert self.session is not None
+        replies: list[bytes] = []
         for action in actions:
             if isinstance(action, SendClient):
-                self._write_client(action.data)
-            elif isinstance(action, SendBackend):
+                replies.append(action.data)
+                continue
+            if replies and isinstance(action, (StartTls, CloseClient)):
+                self._write_client(b"".join(replies))
+                replies.clear()
+            if isinstance(action, SendBackend):
                 if self.backend is not None and not self.backend.is_closing():
                     self.backend.write(action.data)
             elif isinstance(action, StartTls):
@@ -351,6 +359,8 @@ class ClientConnection(asyncio.Protocol):
                 )
             elif isinstance(action, Discarded):
                 self.log.warning("discarded plaintext pipelined after STARTTLS", bytes=action.size)
+        if replies:
+            self._write_client(b"".join(replies))
         self._arm_backend_timer()
         self.update_reading()
 
@@ -450,14 +460,21 @@ class ClientConnection(asyncio.Protocol):
     # ----------------------------------------------------------------- timers
 
     def _touch(self) -> None:
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-        self._idle_timer = asyncio.get_running_loop().call_later(
-            self.server.config.idle_timeout, self._idle_timed_out
-        )
+        """Note client activity.  One timer per connection, re-armed only when it fires
+        early, instead of a cancel and a new timer for every read."""
+        self._last_activity = time.monotonic()
+        if self._idle_timer is None:
+            self._idle_timer = asyncio.get_running_loop().call_at(
+                self._last_activity + self.server.config.idle_timeout, self._idle_timed_out
+            )
 
     def _idle_timed_out(self) -> None:
+        self._idle_timer = None
         if self.session is None or self._closed:
+            return
+        deadline = self._last_activity + self.server.config.idle_timeout
+        if time.monotonic() < deadline:
+            self._idle_timer = asyncio.get_running_loop().call_at(deadline, self._idle_timed_out)
             return
         if self.session.awaiting_backend:
             self._touch()  # the client waits for the backend; the backend timer covers that

@@ -111,6 +111,8 @@ class Connector:
         """Keep the TLS session of a connection whose handshake met its policy (called
         after a transaction, when TLS 1.3 tickets have arrived)."""
         engine = remote.connection.engine
+        if remote.transactions > 1:
+            return  # kept after the first transaction already (SSLObject.session costs a copy)
         if engine is not None and engine.handshake_done and remote.facts is not None and remote.facts.ok:
             self.sessions.put(_session_key(remote.target, remote.policy, remote.client_certificate),
                               engine.ssl_object.session)

@@ -7,6 +7,7 @@ and handshake messages are recorded (see `trace`) so facts come from the real ha
 
 from __future__ import annotations
 
+import _ssl
 import ssl
 
 from smtproxy.tls.openssl_ext import VerifyRecorder, recording
@@ -40,8 +41,12 @@ def _record_message(conn, direction, version, content_type, msg_type, data) -> N
 
 
 def trace_handshakes(context: ssl.SSLContext) -> None:
-    """Record the handshake messages of every connection made from `context`."""
-    context._msg_callback = _record_message
+    """Record the handshake messages of every connection made from `context`.
+
+    Installed on `_ssl._SSLContext` directly: ssl.py's own setter wraps the callback in one
+    that builds three enum values for every TLS record of every connection, handshake or
+    not; `_record_message` only needs the plain integers."""
+    _ssl._SSLContext._msg_callback.__set__(context, _record_message)
 
 
 def failure_from(exc: ssl.SSLError) -> TlsHandshakeError:

@@ -178,7 +178,7 @@ def targets(results: dict[str, Any], floor: dict[str, float] | None) -> list[str
                 " for the workers and one for the load)") if cores < 3 else ""
         out.append(f"- workers: 2 workers ≥ 1.7 × one: {_f(w)} ×{note} → {verdict(w is not None and w >= 1.7)}")
     else:
-        out.append("- workers: not available (`--workers` does not exist yet)")
+        out.append("- workers: not measured in this run")
     return out
 
 
