@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from smtproxy import __version__
-from smtproxy.config import ConfigError, load_config, render_config
+from smtproxy.config import OUTBOUND_LEVELS, ConfigError, load_config, parse_config, render_config
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -20,6 +21,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--worker-fd", type=int, help=argparse.SUPPRESS)  # set by the supervisor
     check = commands.add_parser("check", help="validate the configuration and print it with defaults")
     check.add_argument("--config", required=True, help="TOML configuration file")
+    probe = commands.add_parser("probe", help="connect to a destination as outbound delivery would; print the TLS facts")
+    probe.add_argument("--config", help="TOML configuration file (default: every default; system trust store)")
+    probe.add_argument("--level", choices=OUTBOUND_LEVELS, help="use this TLS level instead of the policy table's")
+    probe.add_argument("--sender", default="", help="envelope sender, for its client certificate")
+    probe.add_argument("domain", help="recipient domain, routed as mail to it would be")
     policy = commands.add_parser(
         "policy", help="print the TLS policy of a destination, or convert s/qmail tlsdestinations",
         usage=f"%(prog)s {POLICY_USAGE}")
@@ -45,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "policy":
         return _policy(args)
+    if args.command == "probe":
+        return _probe(args)
     try:
         config = load_config(args.config)
     except ConfigError as exc:
@@ -60,6 +68,22 @@ def main(argv: list[str] | None = None) -> int:
     from smtproxy import app  # imported late: `check` must not need uvloop or the TLS layer
 
     return app.run(config, args.workers, args.worker_fd)
+
+
+def _probe(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config) if args.config else parse_config(
+            {"inbound": {"listen": [], "implicit_tls_listen": []}}, Path.cwd())
+    except ConfigError as exc:
+        print(f"smtproxy: {args.config}: {exc}", file=sys.stderr)
+        return 2
+    import uvloop
+
+    from smtproxy.probe import probe
+    from smtproxy.telemetry import logging as log_setup
+
+    log_setup.configure("console", "info")
+    return uvloop.run(probe(config, args.domain.rstrip(".").lower(), args.level, args.sender))
 
 
 def _table_problem(config) -> str | None:
