@@ -331,23 +331,26 @@ class ClientConnection(asyncio.Protocol):
     # ----------------------------------------------------------------- actions
 
     def _execute(self, actions: list[Action]) -> None:
-        """Run the session's actions; replies to the client leave in one write (one TLS
-        record) per batch, flushed before anything that must follow them on the wire."""
+        """Run the session's actions.  What goes to each side leaves in one write per batch
+        (one TLS record for the client), flushed before anything that must follow it on the
+        wire; bytes for the backend still unsent when it is to be closed are dropped."""
         assert self.session is not None
         replies: list[bytes] = []
+        commands: list[bytes] = []
         for action in actions:
             if isinstance(action, SendClient):
                 replies.append(action.data)
                 continue
+            if isinstance(action, SendBackend):
+                commands.append(action.data)
+                continue
             if replies and isinstance(action, (StartTls, CloseClient)):
                 self._write_client(b"".join(replies))
                 replies.clear()
-            if isinstance(action, SendBackend):
-                if self.backend is not None and not self.backend.is_closing():
-                    self.backend.write(action.data)
-            elif isinstance(action, StartTls):
+            if isinstance(action, StartTls):
                 self._start_tls()
             elif isinstance(action, CloseBackend):
+                commands.clear()
                 if self.backend is not None:
                     self.backend.abort()
             elif isinstance(action, CloseClient):
@@ -361,6 +364,8 @@ class ClientConnection(asyncio.Protocol):
                 self.log.warning("discarded plaintext pipelined after STARTTLS", bytes=action.size)
         if replies:
             self._write_client(b"".join(replies))
+        if commands and self.backend is not None and not self.backend.is_closing():
+            self.backend.write(b"".join(commands))
         self._arm_backend_timer()
         self.update_reading()
 
