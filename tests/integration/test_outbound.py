@@ -77,3 +77,21 @@ def test_encrypt_defers_when_the_remote_offers_no_starttls(plain_remote, start_o
     session = plain_remote.wait_for_log(r"disconnect from unknown\[127\.0\.0\.1\] ehlo=1 (.*)")
     assert "mail=" not in session.group(1), session.group(0)
     assert not any(marker.encode() in m for m in plain_remote.messages())
+
+
+def test_dane_acts_as_may_and_dane_only_defers_until_dane_lookups_exist(tls_remote, start_outbound):
+    route = f"[127.0.0.1]:{tls_remote.port}"
+    proxy = start_outbound({REMOTE_DOMAIN: route}, policy=f"{route} dane\n", default_level="none")
+    marker = token()
+    assert swaks_via(proxy, marker).returncode == 0
+    assert "(using TLSv1." in delivered(tls_remote, marker).decode()
+    assert proxy.records("dane: DANE lookups are not implemented yet; using level may")
+
+    # the policy table is looked up by nexthop, as Postfix does: here the route's [host]:port
+    deferred = start_outbound({"only.test": route}, policy=f"{route} dane-only\n")
+    other = token()
+    result = swaks_via(deferred, other, "user@only.test")
+    assert result.returncode != 0
+    assert "451 4.7.5 only.test: TLS policy dane-only cannot be met" in result.stdout, result.stdout
+    assert deferred.records("dane-only: DANE lookups are not implemented yet; deferring")
+    assert not any(other.encode() in m for m in tls_remote.messages())
