@@ -21,12 +21,14 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from smtproxy.config import PROTOCOLS
 from smtproxy.policy.levels import DEFAULT_MATCH, Level, Policy, PolicyDecision
+from smtproxy.tables import TableError, is_domain, read_table
+from smtproxy import tables
 
 if TYPE_CHECKING:
     from smtproxy.config import OutboundConfig
@@ -71,34 +73,20 @@ _ATTRIBUTES_AT = {
 _KNOWN_ATTRIBUTES = ("match", *_COMMON_ATTRIBUTES, "ca_file", "verify_depth")
 _REPEATABLE = ("match", "connection_reuse")  # match= accumulates; the last connection_reuse= wins
 
-_LABEL = r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9])?"
-_DOMAIN = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
 _PORT = re.compile(r"[0-9]{1,5}")
 CIPHER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
 _HEX = re.compile(r"[0-9a-f]+")
 
 
-class PolicyTableError(Exception):
-    """A problem in a policy file, as one line: `FILE line N: what is wrong; allowed: ...`.
-
-    `line_number` is None for problems with the whole file (unreadable, not UTF-8)."""
-
-    def __init__(self, path: str | Path, line_number: int | None, message: str) -> None:
-        self.path, self.line_number = Path(path), line_number
-        where = f"{path} line {line_number}" if line_number is not None else str(path)
-        super().__init__(" ".join(f"{where}: {message}".split()))
+class PolicyTableError(TableError):
+    """A problem in a policy file (see smtproxy.tables.TableError)."""
 
 
 # --------------------------------------------------------------------------- keys and nexthops
 
 
-def _is_domain(text: str) -> bool:
-    # "192.0.2.1" has the label syntax but is an address: it needs brackets
-    return len(text) <= 253 and bool(_DOMAIN.fullmatch(text)) and not text.rsplit(".", 1)[-1].isdigit()
-
-
 def _is_bracket_host(text: str) -> bool:
-    if _is_domain(text):
+    if is_domain(text):
         return True
     try:
         ipaddress.ip_address(text)
@@ -120,10 +108,10 @@ def _parse_destination(text: str, *, pattern: bool) -> tuple[str, bool]:
         raise ValueError
     name, colon, port = key.partition(":")
     if colon:
-        if _is_domain(name) and _is_port(port):
+        if is_domain(name) and _is_port(port):
             return key, True
         raise ValueError
-    if pattern and name.startswith(".") and _is_domain(name[1:]) or _is_domain(name):
+    if pattern and name.startswith(".") and is_domain(name[1:]) or is_domain(name):
         return key, False
     raise ValueError
 
@@ -184,7 +172,7 @@ class PolicyTable:
         `ca_file=` names resolve against its directory."""
         entries: dict[str, PolicyDecision] = {}
         first_line: dict[str, int] = {}
-        for tokens in _logical_lines(text, path):
+        for tokens in tables.entries(text, path, PolicyTableError):
             line_number, key_text = tokens[0]
             try:
                 key = parse_key(key_text)
@@ -243,37 +231,7 @@ class Policies:
 
 def read_policy_file(path: str | Path) -> str:
     """A policy file's text; PolicyTableError when it cannot be read or is not UTF-8."""
-    try:
-        raw = Path(path).read_bytes()
-    except OSError as exc:
-        raise PolicyTableError(path, None, f"cannot read: {exc.strerror or exc}") from None
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line_number = raw.count(b"\n", 0, exc.start) + 1
-        raise PolicyTableError(path, line_number, f"not UTF-8 text (byte {exc.start}); "
-                                                  "allowed: UTF-8 (in practice ASCII)") from None
-
-
-def _logical_lines(text: str, path: str | Path) -> Iterator[list[tuple[int, str]]]:
-    """Each entry as (line number, token) pairs; continuation lines keep their own numbers."""
-    entry: list[tuple[int, str]] = []
-    for line_number, line in enumerate(text.splitlines(), start=1):
-        stripped = line.strip()
-        if not stripped or stripped.startswith("#"):
-            continue
-        tokens = [(line_number, token) for token in re.split(r"[\s,]+", stripped) if token]
-        if line[0].isspace():
-            if not entry:
-                raise PolicyTableError(path, line_number, f'"{stripped}" continues no entry; allowed: '
-                                                          "a key at the start of the line")
-            entry.extend(tokens)
-            continue
-        if entry:
-            yield entry
-        entry = tokens
-    if entry:
-        yield entry
+    return read_table(path, PolicyTableError)
 
 
 # --------------------------------------------------------------------------- one entry
@@ -343,7 +301,7 @@ def _parse_match(value: str, level: Level, path: str | Path) -> tuple[str, ...]:
 
 def _match_name(item: str) -> str:
     name = item.lower()
-    if name not in MATCH_STRATEGIES and not _is_domain(name.removeprefix(".")):
+    if name not in MATCH_STRATEGIES and not is_domain(name.removeprefix(".")):
         raise ValueError(f'"{item}" is neither a strategy nor a DNS name; allowed: {MATCH_ALLOWED}')
     return name
 
@@ -422,7 +380,7 @@ def _parse_exclude(value: str, level: Level, path: str | Path) -> tuple[str, ...
 
 def _parse_servername(value: str, level: Level, path: str | Path) -> str:
     name = value.lower()
-    if name in ("hostname", "nexthop") or _is_domain(name):
+    if name in ("hostname", "nexthop") or is_domain(name):
         return name
     raise ValueError("allowed: hostname, nexthop or a DNS name")
 

@@ -29,27 +29,20 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-import re
 from pathlib import Path
+
+from smtproxy import tables
+from smtproxy.tables import TableError, is_domain, read_table
 
 ENTRY_ALLOWED = (
     "domain, .domain or * followed by a nexthop: [192.0.2.1]:25, [host], host, host:port, "
     "smtp:nexthop, or smtp: / : for default routing"
 )
-_LABEL = r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
-_DOMAIN = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
 _IPV6_PREFIX = "ipv6:"
 
 
-class RouteTableError(Exception):
-    """A problem in a routes file, as one line: `FILE line N: what is wrong; allowed: ...`
-    (the form of policy.table.PolicyTableError). `line_number` is None when the whole
-    file is unreadable."""
-
-    def __init__(self, path: str | Path, line_number: int | None, message: str) -> None:
-        self.path, self.line_number = Path(path), line_number
-        where = f"{path} line {line_number}" if line_number is not None else str(path)
-        super().__init__(f"{where}: {message}")
+class RouteTableError(TableError):
+    """A problem in a routes file (see smtproxy.tables.TableError)."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -97,7 +90,7 @@ def _parse_nexthop(nexthop: str, source: str) -> Route:
             raise ValueError('only ":port" may follow "]"')
         host = address_literal(f"[{inner}]")
         if host is None:
-            if not _is_domain(inner.lower()):
+            if not is_domain(inner.lower()):
                 raise ValueError("not an IP address or host name inside [...]")
             host = inner.lower()
         return Route(nexthop, host, _port(rest[1:]), False, source)
@@ -106,14 +99,9 @@ def _parse_nexthop(nexthop: str, source: str) -> Route:
         host = port_text
     if ":" in host or address_literal(f"[{host}]") is not None:
         raise ValueError("an IP address needs brackets: [192.0.2.1], [2001:db8::1]")
-    if not _is_domain(host.lower()):
+    if not is_domain(host.lower()):
         raise ValueError("not a host name")
     return Route(nexthop, host.lower(), _port(port_text) if colon else None, True, source)
-
-
-def _is_domain(text: str) -> bool:
-    # "192.0.2.300" fits the label syntax but is neither a name nor an address
-    return len(text) <= 253 and bool(_DOMAIN.fullmatch(text)) and not text.rsplit(".", 1)[-1].isdigit()
 
 
 def _port(text: str) -> int | None:
@@ -126,8 +114,6 @@ def _port(text: str) -> int | None:
 
 def _parse_result(result: str, source: str) -> Route | None:
     """`transport:nexthop` or a bare nexthop -> Route, or None for default routing."""
-    if any(separator in result for separator in " \t,"):
-        raise ValueError("one nexthop per entry (no nexthop lists, no comment after the value)")
     if address_literal(f"[{result}]") is not None:
         raise ValueError("an IP address needs brackets: [192.0.2.1], [2001:db8::1]")
     transport, colon, nexthop = result.partition(":")
@@ -142,40 +128,9 @@ def _parse_key(key: str) -> str:
     key = key.lower()
     if "@" in key:
         raise ValueError("per-address entries are not supported; routes are per domain")
-    if key != "*" and not _is_domain(key.removeprefix(".")):
+    if key != "*" and not is_domain(key.removeprefix(".")):
         raise ValueError("the key must be a domain, .domain or *")
     return key
-
-
-def _logical_lines(text: str, path: str) -> list[tuple[int, str]]:
-    """Postfix table text -> (first line number, logical line): blank and `#` lines are
-    skipped, a line starting with whitespace continues the previous logical line."""
-    lines: list[tuple[int, str]] = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        stripped = line.strip()
-        if not stripped or stripped.startswith("#"):
-            continue
-        if not line[0].isspace():
-            lines.append((number, stripped))
-        elif lines:
-            first, joined = lines[-1]
-            lines[-1] = (first, f"{joined} {stripped}")
-        else:
-            raise RouteTableError(path, number, f'"{stripped}" continues no entry; '
-                                                "allowed: a key at the start of the line")
-    return lines
-
-
-def _read(path: Path) -> str:
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise RouteTableError(path, None, f"cannot read: {exc.strerror or exc}") from None
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise RouteTableError(path, raw.count(b"\n", 0, exc.start) + 1,
-                              f"not UTF-8 text (byte {exc.start}); allowed: UTF-8 (in practice ASCII)") from None
 
 
 class RouteTable:
@@ -187,22 +142,25 @@ class RouteTable:
     @classmethod
     def load(cls, path: str | Path) -> RouteTable:
         """Read a table file; any problem raises RouteTableError naming file, line and value."""
-        return cls.parse(_read(Path(path)), str(path))
+        return cls.parse(read_table(path, RouteTableError), str(path))
 
     @classmethod
     def parse(cls, text: str, path: str) -> RouteTable:
         """Table text -> RouteTable; `path` names the file in errors and route sources."""
         entries: dict[str, Route | None] = {}
         first_lines: dict[str, int] = {}
-        for number, line in _logical_lines(text, path):
-            key_text, *rest = line.split(None, 1)
+        for tokens in tables.entries(text, path, RouteTableError):
+            number, key_text = tokens[0]
+            line = " ".join(token for _, token in tokens)
             try:
-                if not rest:
+                if len(tokens) == 1:
                     raise ValueError("a key without a nexthop")
+                if len(tokens) > 2:
+                    raise ValueError("one nexthop per entry (no nexthop lists, no comment after the value)")
                 key = _parse_key(key_text)
                 if key in entries:
                     raise ValueError(f"duplicate key {key} (first at line {first_lines[key]})")
-                entries[key] = _parse_result(rest[0], f"{path}:{number}")
+                entries[key] = _parse_result(tokens[1][1], f"{path}:{number}")
             except ValueError as exc:
                 raise RouteTableError(path, number, f'"{line}": {exc}; allowed: {ENTRY_ALLOWED}') from None
             first_lines[key] = number
