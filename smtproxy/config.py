@@ -736,6 +736,12 @@ class OutboundTlsConfig:
                                   problem=f"line {line.line} ({line.domain}): {problem}")
 
 
+# Who may hand mail to the outbound listener (Postfix's mynetworks): loopback and the
+# private ranges a sidecar's MTA comes from; anything else would make it an open relay.
+DEFAULT_CLIENT_NETWORKS = tuple(ipaddress.ip_network(text) for text in (
+    "127.0.0.0/8", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "::1/128", "fc00::/7"))
+
+
 @dataclasses.dataclass(frozen=True)
 class OutboundConfig:
     """`[outbound]`: legacy MTA -> smtproxy -> remote MX with STARTTLS per policy."""
@@ -743,6 +749,9 @@ class OutboundConfig:
     listen: tuple[Address, ...] = _key(
         ListOf(_address_or_none, ADDRESS_ALLOWED, "host:port addresses", str), (Address("127.0.0.1", 10025),))
     mode: str = _key(Choice(("relay", "transparent")), "relay")
+    client_networks: tuple[Network, ...] = _key(ListOf(
+        _network_or_none, "a network in CIDR notation: 127.0.0.0/8, 10.0.0.0/8, ::1/128",
+        "networks (empty: any client)", str), DEFAULT_CLIENT_NETWORKS)
     default_level: str = _key(Choice(OUTBOUND_LEVELS), "may")
     policy_file: Path | None = _key(FilePath(
         optional=True, must_exist=True, what="a file path (Postfix smtp_tls_policy_maps syntax)"), None)
@@ -766,6 +775,18 @@ class OutboundConfig:
     connection_cache_size: int = _key(Integer(0, zero="no connection cache"), 100)
     connection_cache_destination_size: int = _key(Integer(1), 10)
     tls: OutboundTlsConfig = _key(Table(OutboundTlsConfig), default_factory=OutboundTlsConfig)
+
+    def client_allowed(self, ip: str) -> bool:
+        """Whether a client address is in `client_networks` (IPv4-mapped IPv6 as IPv4)."""
+        if not self.client_networks:
+            return True
+        try:
+            address = ipaddress.ip_address(ip.split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return any(address.version == network.version and address in network for network in self.client_networks)
 
     def _validate(self, key: str, ctx: _Context) -> None:
         for index, address in enumerate(self.listen):

@@ -89,6 +89,12 @@ class OutboundServer:
         assert task is not None
         peer = writer.get_extra_info("peername") or ("?", 0)
         session_log = log.bind(session=f"o{next(_session_ids)}", client=f"unknown[{peer[0]}]")
+        if not self.config.client_allowed(peer[0]):
+            session_log.warning("connection refused", reason="client not in outbound.client_networks")
+            writer.write(Reply.of(554, "5.7.1", f"{self.config.hostname} Error: client host [{peer[0]}] "
+                                                "is not allowed to relay").serialize())
+            writer.close()
+            return
         if len(self.sessions) >= self.config.max_connections:
             session_log.warning("connection refused", reason="too many connections")
             writer.write(Reply.of(421, "4.7.0", f"{self.config.hostname} Error: too many connections").serialize())

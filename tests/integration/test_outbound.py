@@ -95,3 +95,16 @@ def test_dane_acts_as_may_and_dane_only_defers_until_dane_lookups_exist(tls_remo
     assert "451 4.7.5 only.test: TLS policy dane-only cannot be met" in result.stdout, result.stdout
     assert deferred.records("dane-only: DANE lookups are not implemented yet; deferring")
     assert not any(other.encode() in m for m in tls_remote.messages())
+
+
+def test_clients_outside_client_networks_are_refused_so_the_listener_is_no_open_relay(tls_remote, start_outbound):
+    route = f"[127.0.0.1]:{tls_remote.port}"
+    closed = start_outbound({REMOTE_DOMAIN: route}, client_networks=["192.0.2.0/24"])
+    marker = token()
+    result = swaks_via(closed, marker)
+    assert result.returncode != 0
+    assert "554 5.7.1 out.example.test Error: client host [127.0.0.1] is not allowed to relay" in result.stdout
+    assert closed.process.wait_for_log("connection refused")["reason"] == "client not in outbound.client_networks"
+    open_to_loopback = start_outbound({REMOTE_DOMAIN: route}, client_networks=["127.0.0.0/8"])
+    assert swaks_via(open_to_loopback, marker).returncode == 0
+    delivered(tls_remote, marker)

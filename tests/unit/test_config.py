@@ -902,7 +902,8 @@ def test_render_round_trip_of_every_key_changed(tmp_path):
                     "client_ca_file": "ca.pem", "client_fingerprints": [DIGEST], "session_cache_size": 0,
                     "session_timeout": 60, "session_tickets": False},
         },
-        "outbound": {"listen": ["0.0.0.0:10025"], "mode": "transparent", "default_level": "dane-only",
+        "outbound": {"listen": ["0.0.0.0:10025"], "mode": "transparent", "client_networks": ["10.1.0.0/16"],
+                     "default_level": "dane-only",
                      "policy_file": "policy", "routes_file": "routes", "ca_file": "ca.pem", "port": 587,
                      "hostname": "out.example.com", "bare_newline": "reject", "idle_timeout": 60,
                      "connect_timeout": 5, "handshake_timeout": 7, "reply_timeout": 9, "drain_timeout": 3,
@@ -1054,3 +1055,20 @@ def test_docs_complete_file_matches_render_config():
     data = tomllib.loads(block)
     config = parse(data, check_files=False)
     assert render_config(config).split("\n", 2)[2] == block
+
+
+def test_outbound_client_networks_decide_who_may_relay():
+    outbound = parse(with_cert({"outbound": {"client_networks": ["10.1.0.0/16", "2001:db8::/32"]}})).outbound
+    assert outbound.client_allowed("10.1.2.3") and outbound.client_allowed("::ffff:10.1.2.3")
+    assert outbound.client_allowed("2001:db8::7")
+    assert not outbound.client_allowed("127.0.0.1") and not outbound.client_allowed("192.0.2.1")
+    assert parse(with_cert({"outbound": {"client_networks": []}})).outbound.client_allowed("192.0.2.1")
+    defaults = parse(with_cert()).outbound
+    assert defaults.client_allowed("127.0.0.1") and defaults.client_allowed("10.244.1.7")
+    assert not defaults.client_allowed("192.0.2.1") and not defaults.client_allowed("2001:db8::1")
+
+
+def test_outbound_client_networks_error_names_the_item():
+    with pytest.raises(ConfigError) as caught:
+        parse(with_cert({"outbound": {"client_networks": ["10.0.0.1/8"]}}))
+    assert str(caught.value).startswith('outbound.client_networks[0] = "10.0.0.1/8": allowed: a network in CIDR')
