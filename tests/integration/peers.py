@@ -1147,14 +1147,22 @@ class Pki:
             not_before=not_before,
             not_after=not_after,
         )
-        stem = f"{kind}{self._serial}-{key_type.name.lower()}-{identities[0]}"
-        stem = re.sub(r"[^A-Za-z0-9_.-]", "_", stem)
+        return self._write(
+            f"{kind}{self._serial}-{key_type.name.lower()}-{identities[0]}",
+            b"".join(blob.bytes() for blob in leaf.cert_chain_pems),
+            leaf.private_key_pem.bytes(),
+            leaf.private_key_and_cert_chain_pem.bytes(),
+        )
+
+    def _write(self, name: str, cert_pem: bytes, key_pem: bytes, chain_pem: bytes) -> CertFiles:
+        """The certificate, key and key+chain files (the key ones 0600) under ``name``."""
+        stem = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
         cert_file = self.directory / f"{stem}.pem"
         key_file = self.directory / f"{stem}.key"
         chain_file = self.directory / f"{stem}.chain.pem"
-        cert_file.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
-        leaf.private_key_pem.write_to_path(str(key_file))
-        leaf.private_key_and_cert_chain_pem.write_to_path(str(chain_file))
+        cert_file.write_bytes(cert_pem)
+        key_file.write_bytes(key_pem)
+        chain_file.write_bytes(chain_pem)
         for path in (key_file, chain_file):
             path.chmod(0o600)
         return CertFiles(
@@ -1208,28 +1216,13 @@ class Pki:
             .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), critical=False)
             .sign(key, hashes.SHA256())
         )
-        stem = re.sub(r"[^A-Za-z0-9_.-]", "_", f"selfsigned{self._serial}-{names[0]}")
-        cert_file = self.directory / f"{stem}.pem"
-        key_file = self.directory / f"{stem}.key"
-        chain_file = self.directory / f"{stem}.chain.pem"
         cert_pem = cert.public_bytes(serialization.Encoding.PEM)
         key_pem = key.private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
-        cert_file.write_bytes(cert_pem)
-        key_file.write_bytes(key_pem)
-        chain_file.write_bytes(key_pem + cert_pem)
-        for path in (key_file, chain_file):
-            path.chmod(0o600)
-        return CertFiles(
-            cert_file=cert_file,
-            key_file=key_file,
-            chain_file=chain_file,
-            fingerprint=self.fingerprint(cert_file),
-            pkey_fingerprint=self.public_key_fingerprint(cert_file),
-        )
+        return self._write(f"selfsigned{self._serial}-{names[0]}", cert_pem, key_pem, key_pem + cert_pem)
 
     def client_cert(
         self,

@@ -23,6 +23,7 @@ from smtproxy.routing.router import Destination, Target
 from smtproxy.smtp import EhloReply, Reply
 from smtproxy.tls.client_context import ClientCertificate, ClientTls
 from smtproxy.tls.engine import TlsEngine
+from tests.unit.test_tls_client import handshake
 
 MX = "mx.example.com"
 MAY = Policy(Level.MAY)
@@ -153,21 +154,6 @@ def server_context(ca: trustme.CA) -> ssl.SSLContext:
     context.verify_mode = ssl.CERT_OPTIONAL
     ca.configure_trust(context)
     return context
-
-
-def handshake(client: TlsEngine, context: ssl.SSLContext) -> TlsEngine:
-    server = TlsEngine(context, server_side=True)
-    for _ in range(10):
-        client.handshake()
-        server.receive(client.outgoing())
-        client.receive(server.outgoing())
-        if client.handshake_done and server.handshake_done:
-            break
-    else:
-        raise AssertionError("handshake did not finish")
-    server.send(b"250 ok\r\n")
-    assert client.receive(server.outgoing()) == b"250 ok\r\n"
-    return server
 
 
 def presented(server: TlsEngine) -> str | None:

@@ -13,6 +13,7 @@ import trustme
 
 from smtproxy.tls.engine import TlsEngine
 from smtproxy.tls.openssl_ext import TICKET_KEYS_LENGTH, set_ticket_keys
+from tests.unit.test_tls_client import handshake
 
 CA = trustme.CA()
 LEAF = CA.issue_cert("mx.example.test")
@@ -35,15 +36,7 @@ def client_context(version: ssl.TLSVersion) -> ssl.SSLContext:
 
 def connect(server_context: ssl.SSLContext, client_context: ssl.SSLContext, session=None) -> TlsEngine:
     client = TlsEngine(client_context, server_side=False, server_hostname="mx.example.test", session=session)
-    server = TlsEngine(server_context, server_side=True)
-    for _ in range(10):
-        client.handshake()
-        server.receive(client.outgoing())
-        client.receive(server.outgoing())
-        if client.handshake_done and server.handshake_done:
-            break
-    server.send(b"220 ready\r\n")  # brings the TLS 1.3 tickets along, as a real reply would
-    assert client.receive(server.outgoing()) == b"220 ready\r\n"
+    handshake(client, server_context)  # its first reply brings the TLS 1.3 tickets along
     return client
 
 
