@@ -235,10 +235,10 @@ async def _refresh_gauges(metrics: Metrics) -> None:
 def run(config: Config, workers: int = 1, worker_fd: int | None = None) -> int:
     """The proxy in this process; with `workers` > 1 a supervisor of that many worker
     processes (smtproxy.workers); `worker_fd`: this process is one of those workers."""
-    log_setup.configure(config.log.format, config.log.level)
+    static_fields = {"worker_pid": os.getpid()} if worker_fd is not None else None
+    log_setup.configure(config.log.format, config.log.level, static_fields=static_fields)
     try:
         if worker_fd is not None:
-            structlog.contextvars.bind_contextvars(worker_pid=os.getpid())
             uvloop.run(serve(config, WorkerLink(worker_fd)))
         elif workers > 1:
             generate_missing_certificates(config)  # once, before workers race to do it
@@ -248,4 +248,6 @@ def run(config: Config, workers: int = 1, worker_fd: int | None = None) -> int:
     except StartupError as exc:
         log.error(str(exc))
         return 1
+    finally:
+        log_setup.flush()
     return 0

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import logging
 import sys
+import threading
+from collections.abc import Mapping
+from typing import Any, TextIO
 
 import structlog
 
@@ -13,25 +18,91 @@ from smtproxy.tls.wording import connection_line, summary
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
-def configure(fmt: str = "json", level: str = "info", stream=None) -> None:
-    """JSON lines for machines, a readable console rendering for humans; both on stderr."""
+class BatchedLineWriter:
+    """The structlog logger: the lines logged during one event-loop turn leave in one
+    write(2) at the end of that turn instead of one write each (a session's connect,
+    handshake, message and disconnect lines would otherwise cost four system calls).
+    Outside a running loop (start-up, other threads, exit) lines are written at once."""
+
+    MAX_PENDING = 256
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self._lines: list[str] = []
+        self._lock = threading.Lock()
+        self._flush_scheduled = False
+
+    def msg(self, message: str) -> None:
+        loop = asyncio._get_running_loop()
+        if loop is None:
+            with self._lock:
+                self._lines.append(message)  # after what the loop has pending, in order
+                self._write_pending()
+            return
+        self._lines.append(message)
+        if len(self._lines) >= self.MAX_PENDING:
+            self.flush()
+        elif not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop.call_soon(self.flush)
+
+    log = debug = info = warn = warning = error = critical = exception = fatal = failure = err = msg
+
+    def flush(self) -> None:
+        with self._lock:
+            self._flush_scheduled = False
+            self._write_pending()
+
+    def _write_pending(self) -> None:
+        if self._lines:
+            text = "\n".join(self._lines) + "\n"
+            self._lines.clear()
+            self._stream.write(text)
+            self._stream.flush()
+
+
+_writer: BatchedLineWriter | None = None
+
+
+def configure(fmt: str = "json", level: str = "info", stream: TextIO | None = None,
+              *, static_fields: Mapping[str, Any] | None = None) -> None:
+    """JSON lines for machines, a readable console rendering for humans; both on stderr.
+    `static_fields` go into every line (a worker's pid)."""
+    global _writer
+    flush()
     renderer: structlog.types.Processor
     if fmt == "console":
         renderer = structlog.dev.ConsoleRenderer(colors=False)
     else:
         renderer = structlog.processors.JSONRenderer()
+    processors: list[structlog.types.Processor] = [
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.format_exc_info,
+        renderer,
+    ]
+    if static_fields:
+        fields = dict(static_fields)
+
+        def add_static_fields(logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
+            event.update(fields)
+            return event
+
+        processors.insert(0, add_static_fields)
+    writer = _writer = BatchedLineWriter(stream or sys.stderr)
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
+        processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
-        logger_factory=structlog.PrintLoggerFactory(stream or sys.stderr),
+        logger_factory=lambda *args: writer,
         cache_logger_on_first_use=False,
     )
+
+
+@atexit.register
+def flush() -> None:
+    """Write the lines still waiting for the end of an event-loop turn."""
+    if _writer is not None:
+        _writer.flush()
 
 
 def log_handshake(facts: HandshakeFacts) -> None:
