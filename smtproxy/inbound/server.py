@@ -59,6 +59,7 @@ class InboundServer:
         self.connections: set[ClientConnection] = set()
         self.per_client: collections.Counter[str] = collections.Counter()
         self._servers: list[asyncio.AbstractServer] = []
+        self.loop: asyncio.AbstractEventLoop  # set by start(); asyncio.get_running_loop() costs a getpid()
         self._all_closed = asyncio.Event()
         self._all_closed.set()
 
@@ -70,7 +71,7 @@ class InboundServer:
         self.server_tls = server_tls
 
     async def start(self, *, reuse_port: bool = False) -> list[str]:
-        loop = asyncio.get_running_loop()
+        loop = self.loop = asyncio.get_running_loop()
         bound = []
         for implicit, addresses in ((False, self.config.listen), (True, self.config.implicit_tls_listen)):
             for address in addresses:
@@ -184,6 +185,7 @@ class ClientConnection(asyncio.Protocol):
         self._idle_timer: asyncio.TimerHandle | None = None
         self._last_activity = 0.0
         self._backend_timer: asyncio.TimerHandle | None = None
+        self._backend_deadline = 0.0  # 0: not waiting for the backend
         self._handshake_timer: asyncio.TimerHandle | None = None
         self._backend_task: asyncio.Task[None] | None = None
         self.log = log
@@ -219,7 +221,7 @@ class ClientConnection(asyncio.Protocol):
         )
         if self.implicit_tls:
             self._start_tls()
-        self._backend_task = asyncio.get_running_loop().create_task(self._connect_backend())
+        self._backend_task = self.server.loop.create_task(self._connect_backend())
         self._touch()
         self.update_reading()
 
@@ -237,8 +239,14 @@ class ClientConnection(asyncio.Protocol):
             self._flush_tls()
             self._handshake_failed(exc.failure_type, exc.reason)
             return
-        self._flush_tls()
-        if not was_done and self.engine.handshake_done:
+        if was_done or not self.engine.handshake_done:
+            self._flush_tls()
+        elif self.engine.ssl_object.version() != "TLSv1.3":
+            self._flush_tls()  # TLS 1.2: the server's last flight, which the client waits for
+            self._handshake_done()
+        else:
+            # TLS 1.3: what is left is the session ticket, which the client needs only at
+            # the end; it leaves with the first reply (one write fewer per session).
             self._handshake_done()
         if plaintext and not self._closed:
             self._execute(self.session.client_data(plaintext))
@@ -300,12 +308,9 @@ class ClientConnection(asyncio.Protocol):
     async def _connect_backend(self) -> None:
         assert self.session is not None
         address = self.server.config.backend
-        loop = asyncio.get_running_loop()
         try:
-            await asyncio.wait_for(
-                loop.create_connection(lambda: _BackendProtocol(self), address.host, address.port),
-                self.server.config.backend_connect_timeout,
-            )
+            async with asyncio.timeout(self.server.config.backend_connect_timeout):
+                await self.server.loop.create_connection(lambda: _BackendProtocol(self), address.host, address.port)
         except (OSError, asyncio.TimeoutError) as exc:
             self.log.warning("backend unreachable", backend=str(address), error=str(exc) or type(exc).__name__)
             self._execute(self.session.backend_failed())
@@ -319,9 +324,7 @@ class ClientConnection(asyncio.Protocol):
 
     def on_backend_data(self, data: bytes) -> None:
         if self.session is not None and not self._closed:
-            if self._backend_timer is not None:
-                self._backend_timer.cancel()
-                self._backend_timer = None
+            self._backend_deadline = 0.0
             self._execute(self.session.backend_data(data))
 
     def on_backend_closed(self) -> None:
@@ -345,7 +348,8 @@ class ClientConnection(asyncio.Protocol):
                 commands.append(action.data)
                 continue
             if replies and isinstance(action, (StartTls, CloseClient)):
-                self._write_client(b"".join(replies))
+                # before a close, the last reply and close_notify leave in one write
+                self._write_client(b"".join(replies), flush=isinstance(action, StartTls))
                 replies.clear()
             if isinstance(action, StartTls):
                 self._start_tls()
@@ -369,12 +373,13 @@ class ClientConnection(asyncio.Protocol):
         self._arm_backend_timer()
         self.update_reading()
 
-    def _write_client(self, data: bytes) -> None:
+    def _write_client(self, data: bytes, *, flush: bool = True) -> None:
         if self.transport is None or self.transport.is_closing():
             return
         if self.engine is not None and self.engine.handshake_done:
             self.engine.send(data)
-            self._flush_tls()
+            if flush:
+                self._flush_tls()
         else:
             self.transport.write(data)
 
@@ -411,7 +416,7 @@ class ClientConnection(asyncio.Protocol):
         assert server_tls is not None
         self.engine = server_tls.new_engine()
         self._handshake_started = time.monotonic()
-        self._handshake_timer = asyncio.get_running_loop().call_later(
+        self._handshake_timer = self.server.loop.call_later(
             self.server.config.handshake_timeout, self._handshake_timed_out
         )
 
@@ -469,7 +474,7 @@ class ClientConnection(asyncio.Protocol):
         early, instead of a cancel and a new timer for every read."""
         self._last_activity = time.monotonic()
         if self._idle_timer is None:
-            self._idle_timer = asyncio.get_running_loop().call_at(
+            self._idle_timer = self.server.loop.call_at(
                 self._last_activity + self.server.config.idle_timeout, self._idle_timed_out
             )
 
@@ -479,7 +484,7 @@ class ClientConnection(asyncio.Protocol):
             return
         deadline = self._last_activity + self.server.config.idle_timeout
         if time.monotonic() < deadline:
-            self._idle_timer = asyncio.get_running_loop().call_at(deadline, self._idle_timed_out)
+            self._idle_timer = self.server.loop.call_at(deadline, self._idle_timed_out)
             return
         if self.session.awaiting_backend:
             self._touch()  # the client waits for the backend; the backend timer covers that
@@ -488,19 +493,23 @@ class ClientConnection(asyncio.Protocol):
         self._execute(self.session.timed_out())
 
     def _arm_backend_timer(self) -> None:
+        """Start the backend's answer deadline when the session begins waiting for it.  Like
+        the idle timer, one timer per connection: it re-arms itself when it fires early."""
         if self.session is None:
             return
-        waiting = self.session.awaiting_backend and not self.session.closed
-        if waiting and self._backend_timer is None:
-            self._backend_timer = asyncio.get_running_loop().call_later(
-                self.server.config.backend_timeout, self._backend_timed_out
-            )
-        elif not waiting and self._backend_timer is not None:
-            self._backend_timer.cancel()
-            self._backend_timer = None
+        if not self.session.awaiting_backend or self.session.closed:
+            self._backend_deadline = 0.0
+        elif not self._backend_deadline:
+            self._backend_deadline = time.monotonic() + self.server.config.backend_timeout
+            if self._backend_timer is None:
+                self._backend_timer = self.server.loop.call_at(self._backend_deadline, self._backend_timed_out)
 
     def _backend_timed_out(self) -> None:
         self._backend_timer = None
-        if self.session is not None and not self._closed:
-            self.log.warning("backend timeout", backend=str(self.server.config.backend))
-            self._execute(self.session.backend_timed_out())
+        if not self._backend_deadline or self.session is None or self._closed:
+            return
+        if time.monotonic() < self._backend_deadline:
+            self._backend_timer = self.server.loop.call_at(self._backend_deadline, self._backend_timed_out)
+            return
+        self.log.warning("backend timeout", backend=str(self.server.config.backend))
+        self._execute(self.session.backend_timed_out())

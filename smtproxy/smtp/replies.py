@@ -13,7 +13,7 @@ import re
 from smtproxy.smtp.errors import PeerProtocolError
 
 _ENHANCED = re.compile(r"[245]\.[0-9]{1,3}\.[0-9]{1,3}(?= |$)")
-_LINE = re.compile(rb"([0-9]{3})(?:([ -])(.*))?", re.DOTALL)
+_CR, _SPACE, _SEPARATORS = 13, 32, b" -"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -102,34 +102,34 @@ class ReplyParser:
         return data
 
     def next_reply(self) -> Reply | None:
+        buffer = self._buffer
         while True:
             start = self._scanned
-            end = self._buffer.find(b"\n", start, start + self._max_line)
+            end = buffer.find(b"\n", start, start + self._max_line)
             if end < 0:
-                if len(self._buffer) - start >= self._max_line:
+                if len(buffer) - start >= self._max_line:
                     raise _bad_reply("reply line too long")
                 return None
-            code, final, text = self._parse_line(bytes(self._buffer[start:end]))
+            stop = end - 1 if end > start and buffer[end - 1] == _CR else end
+            code, final, text = self._parse_line(bytes(buffer[start:stop]))
             self._scanned = end + 1
             self._code = code
             self._lines.append(text)
             if final:
                 reply = Reply(code, tuple(self._lines))
-                del self._buffer[: self._scanned]
+                del buffer[: self._scanned]
                 self._scanned = 0
                 self._lines = []
                 return reply
 
     def _parse_line(self, line: bytes) -> tuple[int, bool, str]:
-        if line.endswith(b"\r"):
-            line = line[:-1]
-        match = _LINE.fullmatch(line)
-        if match is None or b"\r" in line:
+        """`line` without its line ending: "ddd", or "ddd" then " " or "-" then text."""
+        digits = line[:3]
+        if len(digits) < 3 or not digits.isdigit() or (len(line) > 3 and line[3] not in _SEPARATORS) or b"\r" in line:
             raise _bad_reply("malformed reply line")
-        code = int(match.group(1))
+        code = int(digits)
         if not 200 <= code <= 599:
             raise _bad_reply("reply code out of range")
         if self._lines and code != self._code:
             raise _bad_reply("reply code changed within a multi-line reply")
-        text = (match.group(3) or b"").decode("utf-8", "surrogateescape")
-        return code, match.group(2) != b"-", text
+        return code, len(line) == 3 or line[3] == _SPACE, line[4:].decode("utf-8", "surrogateescape")

@@ -10,13 +10,13 @@ from __future__ import annotations
 import _ssl
 import ssl
 
-from smtproxy.tls.openssl_ext import VerifyRecorder, recording
+from smtproxy.tls.openssl_ext import VerifyRecorder, recording, stop_message_callback
 
 if not hasattr(ssl.SSLContext, "_msg_callback"):  # pragma: no cover - CPython 3.8+ has it
     raise ImportError("this Python's ssl module has no SSLContext._msg_callback")
 
 _HANDSHAKE = 22
-_READ_SIZE = 256 * 1024
+_READ_SIZE = 16 * 1024  # one TLS record's plaintext at most: SSL_read returns no more
 
 # OpenSSL verify codes -> RFC 8460 result types, as Postfix 3.10 reports them: expiry and
 # name mismatch have their own types; every other chain error (self-signed, unknown issuer,
@@ -92,6 +92,7 @@ class TlsEngine:
             raise failure_from(exc) from exc
         self.handshake_done = True
         self.ssl_object.handshake_trace = None
+        stop_message_callback(self.ssl_object)
         return True
 
     def receive(self, data: bytes) -> bytes:
@@ -105,7 +106,9 @@ class TlsEngine:
         if not self.handshake_done and not self.handshake():
             return b""
         chunks = []
-        while True:
+        # Read while records are left: a read that finds none raises SSLWantReadError,
+        # which costs more than the record it would have found.
+        while self._incoming.pending or self.ssl_object.pending():
             try:
                 chunk = self.ssl_object.read(_READ_SIZE)
             except ssl.SSLWantReadError:

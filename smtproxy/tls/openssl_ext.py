@@ -3,7 +3,9 @@
 Reaching the `SSL_CTX *` of an `ssl.SSLContext` relies on CPython's object layout
 (PyObject_HEAD, then the pointer).  Every pointer is validated before use: OpenSSL must
 report the same option bits for it as Python does for the context, and the library
-loaded here must be the very version Python's `_ssl` was built against.
+loaded here must be the very version Python's `_ssl` was built against.  The `SSL *` of
+an `ssl.SSLObject` (PyObject_HEAD, the socket weakref, then the pointer) must belong to
+the `SSL_CTX` of the object's context.
 
 Verification verdicts: the verify callback installed here accepts every certificate (so a
 server can take self-signed client certificates whose fingerprint is listed) but records
@@ -54,6 +56,10 @@ def _load() -> ctypes.CDLL:
     lib.X509_STORE_CTX_get_error_depth.argtypes = [ctypes.c_void_p]
     lib.X509_verify_cert_error_string.restype = ctypes.c_char_p
     lib.X509_verify_cert_error_string.argtypes = [ctypes.c_long]
+    lib.SSL_get_SSL_CTX.restype = ctypes.c_void_p
+    lib.SSL_get_SSL_CTX.argtypes = [ctypes.c_void_p]
+    lib.SSL_set_msg_callback.restype = None
+    lib.SSL_set_msg_callback.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
     return lib
 
 
@@ -65,6 +71,22 @@ def _ctx_pointer(context: ssl.SSLContext) -> int:
     if not pointer or _lib.SSL_CTX_get_options(pointer) != context.options:
         raise RuntimeError("cannot locate the SSL_CTX of an ssl.SSLContext on this Python build")
     return pointer
+
+
+_SSL_POINTER_OFFSET = object.__basicsize__ + ctypes.sizeof(ctypes.c_void_p)
+
+
+def _ssl_pointer(ssl_object: ssl.SSLObject) -> int:
+    pointer = ctypes.c_void_p.from_address(id(ssl_object._sslobj) + _SSL_POINTER_OFFSET).value
+    if not pointer or _lib.SSL_get_SSL_CTX(pointer) != _ctx_pointer(ssl_object.context):
+        raise RuntimeError("cannot locate the SSL of an ssl.SSLObject on this Python build")
+    return pointer
+
+
+def stop_message_callback(ssl_object: ssl.SSLObject) -> None:
+    """No more `SSLContext._msg_callback` calls for this connection: after the handshake
+    it would only copy every application-data record into a bytes object for nothing."""
+    _lib.SSL_set_msg_callback(_ssl_pointer(ssl_object), None)
 
 
 def _check(result: int, what: str) -> None:

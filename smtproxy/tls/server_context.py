@@ -64,8 +64,13 @@ class ServerTls:
         context.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_COMPRESSION
         if not cfg.session_tickets:
             context.options |= ssl.OP_NO_TICKET
-        elif self._ticket_keys is not None:
-            openssl_ext.set_ticket_keys(context, self._ticket_keys)
+        else:
+            # One TLS 1.3 ticket per handshake, not OpenSSL's two (meant for browsers opening
+            # parallel connections): an SMTP client resumes one session per server, and
+            # each ticket costs the server an encryption and a random draw.
+            context.num_tickets = 1
+            if self._ticket_keys is not None:
+                openssl_ext.set_ticket_keys(context, self._ticket_keys)
         if cfg.ciphers:
             context.set_ciphers(cfg.ciphers)
         details: dict[str, str | None] = {}
