@@ -88,6 +88,9 @@ def _parser() -> argparse.ArgumentParser:
                         "--quiet-threshold (shared machines); the load seen is recorded either way")
     p.add_argument("--quiet-threshold", type=float, default=0.3, metavar="CPUS")
     p.add_argument("--no-anchor", action="store_true", help="smtproxy only (no Postfix relay)")
+    p.add_argument("--baseline", type=Path, default=None, metavar="SOURCE_DIR",
+                   help="inbound and bulk: also run smtproxy from this source tree (a git worktree of an "
+                        "older commit) as 'smtproxy-baseline', side by side: a change's before/after in one run")
     p.add_argument("--profile", type=Path, default=None, metavar="DIR",
                    help="after the measured runs, one extra run of smtproxy under py-spy; summaries in DIR")
     p.add_argument("--json", type=Path, default=None, help="write every run and the medians here")
@@ -113,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         idle_sessions=args.idle_sessions, anchor_idle_sessions=args.anchor_idle_sessions,
         sut_cpus=sut_cpus, load_cpus=load_cpus, workers_cpus=parse_cpus(args.workers_cpus),
         anchor=not args.no_anchor, profile_dir=args.profile, quiet_wait=args.quiet_wait,
-        quiet_threshold=args.quiet_threshold,
+        quiet_threshold=args.quiet_threshold, baseline=args.baseline,
     )
     names = list(ORDER) if "all" in args.scenarios else args.scenarios
     unknown = [n for n in names if n not in (*ORDER, "floor", "load")]

@@ -29,6 +29,7 @@ import uvloop
 from tests.bench import loadgen
 from tests.bench.floor import openssl_speed
 from tests.bench.systems import (
+    BlackholeSink,
     PostfixRelay,
     RemoteMx,
     Sink,
@@ -63,6 +64,7 @@ class Options:
     load_cpus: set[int] | None = None
     workers_cpus: set[int] | None = None
     anchor: bool = True
+    baseline: Path | None = None  # another source tree of smtproxy, run side by side
     profile_dir: Path | None = None
     profile_seconds: float = 6.0
     quiet_wait: float = 0.0  # before each run, wait up to this long for other programs to calm down
@@ -269,12 +271,20 @@ def floor(ctx: Context) -> dict[str, float]:
     return ctx.floor
 
 
+def baseline(ctx: Context, backend_port: int) -> list[System]:
+    """smtproxy from `--baseline`'s source tree, configured like the one under test."""
+    if ctx.options.baseline is None:
+        return []
+    return [Smtproxy("smtproxy-baseline", cpus=ctx.options.sut_cpus, backend_port=backend_port, chain=ctx.chain,
+                     source=ctx.options.baseline)]
+
+
 def _inbound(ctx: Context, name: str, *, resume: bool) -> dict[str, Any]:
     options = ctx.options
     sink = Sink(options.load_cpus).start()
     try:
         proxy = Smtproxy("smtproxy", cpus=options.sut_cpus, backend_port=sink.port, chain=ctx.chain)
-        systems: list[System] = [proxy]
+        systems: list[System] = [proxy, *baseline(ctx, sink.port)]
         if options.anchor:
             systems.append(PostfixRelay("postfix-relay", cpus=options.sut_cpus, sink_port=sink.port,
                                         chain=ctx.chain))
@@ -379,10 +389,10 @@ def outbound_reuse(ctx: Context) -> dict[str, Any]:
 
 def bulk(ctx: Context) -> dict[str, Any]:
     options = ctx.options
-    sink = Sink(options.load_cpus).start()
+    sink = BlackholeSink(options.load_cpus).start()
     try:
         proxy = Smtproxy("smtproxy", cpus=options.sut_cpus, backend_port=sink.port, chain=ctx.chain)
-        systems: list[System] = [proxy]
+        systems: list[System] = [proxy, *baseline(ctx, sink.port)]
         if options.anchor:
             systems.append(PostfixRelay("postfix-relay", cpus=options.sut_cpus, sink_port=sink.port,
                                         chain=ctx.chain))

@@ -21,6 +21,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterable, Mapping
@@ -176,13 +177,27 @@ class LogTail:
 # --------------------------------------------------------------------------- peers
 
 
+_COUNTER = re.compile(rb"mesg=(\d+)")
+
+
+def last_message_count(counter_file: Path) -> int:
+    """The last ``mesg=N`` of a sink's counter output (smtp-sink -c), 0 before any."""
+    try:
+        with open(counter_file, "rb") as output:
+            output.seek(0, os.SEEK_END)
+            output.seek(max(0, output.tell() - 200))
+            tail = output.read()
+    except FileNotFoundError:
+        return 0
+    counts = _COUNTER.findall(tail)
+    return int(counts[-1]) if counts else 0
+
+
 class Sink:
     """smtp-sink (the plaintext backend of both systems under test) with running counters
     (``-c``) instead of one file per message (``-d``): writing 50 MiB files would put the
     sink's disk work on the load generator's CPU. ``stored()`` is smtp-sink's own count of
     messages whose final dot it received."""
-
-    _COUNTER = re.compile(rb"mesg=(\d+)")
 
     def __init__(self, cpus: set[int] | None, max_sessions: int = 256) -> None:
         # -m: smtp-sink's own bound on simultaneous connections (default 256)
@@ -203,15 +218,7 @@ class Sink:
         return cpu_seconds(self.sink.process.pid)
 
     def stored(self) -> int:
-        try:
-            with open(self.sink.output_file, "rb") as output:
-                output.seek(0, os.SEEK_END)
-                output.seek(max(0, output.tell() - 200))
-                tail = output.read()
-        except FileNotFoundError:
-            return 0
-        counts = self._COUNTER.findall(tail)
-        return int(counts[-1]) if counts else 0
+        return last_message_count(self.sink.output_file)
 
     complete = stored
 
@@ -221,6 +228,46 @@ class Sink:
     def stop(self) -> None:
         self.sink.stop()
         shutil.rmtree(self.sink.root, ignore_errors=True)
+
+
+class BlackholeSink:
+    """``tests.bench.blackhole`` as the bulk scenario's backend, with Sink's interface (why
+    not smtp-sink there: see that module)."""
+
+    def __init__(self, cpus: set[int] | None) -> None:
+        self.dir = bench_dir("blackhole")
+        self.counter = self.dir / "counter"
+        self.port = free_port()
+        self.cpus = cpus
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> BlackholeSink:
+        cpus = self.cpus
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "tests.bench.blackhole", str(self.port), str(self.counter)],
+            cwd=Path(__file__).resolve().parents[2], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
+        )
+        assert self.process.stdout is not None
+        if self.process.stdout.readline() != b"blackhole ready\n":
+            raise AssertionError(f"blackhole sink did not start (exit {self.process.poll()})")
+        return self
+
+    def cpu(self) -> float:
+        assert self.process is not None
+        return cpu_seconds(self.process.pid)
+
+    def stored(self) -> int:
+        return last_message_count(self.counter)
+
+    complete = stored
+    clear = Sink.clear
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(10)
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class RemoteMx:
@@ -351,7 +398,9 @@ class Smtproxy(System):
         inbound_extra: Mapping[str, Any] | None = None,
         files: Mapping[str, str] | None = None,
         args: tuple[str, ...] = (),
+        source: Path | None = None,
     ) -> None:
+        """`source`: run the smtproxy package of this source tree instead of the installed one."""
         self.label = label
         self.dir = bench_dir("smtproxy")
         for name, text in (files or {}).items():
@@ -382,6 +431,8 @@ class Smtproxy(System):
         config["log"] = {"format": "json", "level": "info"}
         self.config_path = write_config(self.dir, config)
         self.process = _FileLoggedSmtproxy(self.config_path, cpus=cpus, args=args)
+        if source is not None:
+            self.process.env["PYTHONPATH"] = str(Path(source).resolve())
 
     def start(self) -> Smtproxy:
         self.process.start()
