@@ -14,6 +14,8 @@ from smtproxy.smtp.errors import PeerProtocolError
 
 _ENHANCED = re.compile(r"[245]\.[0-9]{1,3}\.[0-9]{1,3}(?= |$)")
 _CR, _SPACE, _SEPARATORS = 13, 32, b" -"
+# "ddd-text" lines, then a "ddd" or "ddd text" line; each ends in CRLF or a bare LF
+_WHOLE_REPLY = re.compile(rb"(?:[0-9]{3}-[^\r\n]*\r?\n)*[0-9]{3}(?: [^\r\n]*)?\r?\n")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -102,6 +104,10 @@ class ReplyParser:
         return data
 
     def next_reply(self) -> Reply | None:
+        if not self._scanned:
+            reply = self._whole_reply()
+            if reply is not None:
+                return reply
         buffer = self._buffer
         while True:
             start = self._scanned
@@ -121,6 +127,23 @@ class ReplyParser:
                 self._scanned = 0
                 self._lines = []
                 return reply
+
+    def _whole_reply(self) -> Reply | None:
+        """A well-formed reply that arrived whole (the common case: a 12-line EHLO reply
+        in one read) in one regular-expression match and one decode; None leaves it to
+        the line-by-line parser, which also words what is wrong."""
+        match = _WHOLE_REPLY.match(self._buffer)
+        if match is None or match.end() > self._max_line:  # short enough: every line is
+            return None
+        lines = self._buffer[: match.end()].decode("utf-8", "surrogateescape").split("\n")
+        lines.pop()  # after the last LF
+        code = lines[0][:3]
+        if len(lines) > 1 and any(not line.startswith(code) for line in lines):
+            return None
+        if not 200 <= int(code) <= 599:
+            return None
+        del self._buffer[: match.end()]
+        return Reply(int(code), tuple(line[4:].rstrip("\r") for line in lines))
 
     def _parse_line(self, line: bytes) -> tuple[int, bool, str]:
         """`line` without its line ending: "ddd", or "ddd" then " " or "-" then text."""

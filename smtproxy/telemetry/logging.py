@@ -30,34 +30,36 @@ class BatchedLineWriter:
         self._stream = stream
         self._lines: list[str] = []
         self._lock = threading.Lock()
-        self._flush_scheduled = False
+        self._flush_loop: asyncio.AbstractEventLoop | None = None  # where a flush is due
+        self._flush_thread = 0
 
     def msg(self, message: str) -> None:
-        loop = asyncio._get_running_loop()
-        if loop is None:
-            with self._lock:
-                self._lines.append(message)  # after what the loop has pending, in order
-                self._write_pending()
-            return
+        loop = self._flush_loop
+        if loop is None or self._flush_thread != threading.get_ident() or not loop.is_running():
+            # asyncio._get_running_loop() costs a getpid(): asked once per turn only
+            loop = asyncio._get_running_loop()
+            if loop is None:
+                with self._lock:
+                    self._lines.append(message)  # after what a stopped loop left, in order
+                    self._write_pending()
+                return
+            self._flush_loop, self._flush_thread = loop, threading.get_ident()
+            loop.call_soon(self.flush)
         self._lines.append(message)
         if len(self._lines) >= self.MAX_PENDING:
-            self.flush()
-        elif not self._flush_scheduled:
-            self._flush_scheduled = True
-            loop.call_soon(self.flush)
+            self._write_pending()
 
     log = debug = info = warn = warning = error = critical = exception = fatal = failure = err = msg
 
     def flush(self) -> None:
         with self._lock:
-            self._flush_scheduled = False
+            self._flush_loop = None
             self._write_pending()
 
     def _write_pending(self) -> None:
         if self._lines:
-            text = "\n".join(self._lines) + "\n"
-            self._lines.clear()
-            self._stream.write(text)
+            lines, self._lines = self._lines, []
+            self._stream.write("\n".join(lines) + "\n")
             self._stream.flush()
 
 

@@ -79,6 +79,18 @@ def test_lines_pending_when_the_loop_stops_are_written_by_a_new_configuration():
     assert [line["event"] for line in lines(stream)] == ["last words"]
 
 
+def test_a_line_after_the_loop_stopped_is_written_with_what_the_loop_left():
+    stream = CountingStream()
+    log_setup.configure("json", "info", stream)
+    loop = asyncio.new_event_loop()
+    loop.call_soon(lambda: structlog.get_logger("test").info("in the loop"))
+    loop.call_soon(loop.stop)
+    loop.run_forever()
+    loop.close()
+    structlog.get_logger("test").info("after it")
+    assert [line["event"] for line in lines(stream)] == ["in the loop", "after it"]
+
+
 def test_worker_fields_are_in_every_line():
     stream = io.StringIO()
     log_setup.configure("json", "info", stream, static_fields={"worker_pid": 4242})
