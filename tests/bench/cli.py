@@ -91,6 +91,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", type=Path, default=None, metavar="SOURCE_DIR",
                    help="inbound and bulk: also run smtproxy from this source tree (a git worktree of an "
                         "older commit) as 'smtproxy-baseline', side by side: a change's before/after in one run")
+    p.add_argument("--python-floor", action="store_true",
+                   help="inbound (STARTTLS): also run tests.bench.minimal_proxy, the least a Python proxy does "
+                        "per session (relay, STARTTLS, no SMTP logic): how much of smtproxy's CPU is its own code")
     p.add_argument("--profile", type=Path, default=None, metavar="DIR",
                    help="after the measured runs, one extra run of smtproxy under py-spy; summaries in DIR")
     p.add_argument("--json", type=Path, default=None, help="write every run and the medians here")
@@ -117,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         sut_cpus=sut_cpus, load_cpus=load_cpus, workers_cpus=parse_cpus(args.workers_cpus),
         anchor=not args.no_anchor, profile_dir=args.profile, quiet_wait=args.quiet_wait,
         quiet_threshold=args.quiet_threshold, baseline=args.baseline,
+        python_floor=args.python_floor,
     )
     names = list(ORDER) if "all" in args.scenarios else args.scenarios
     unknown = [n for n in names if n not in (*ORDER, "floor", "load")]

@@ -30,6 +30,7 @@ from tests.bench import loadgen
 from tests.bench.floor import openssl_speed
 from tests.bench.systems import (
     BlackholeSink,
+    MinimalProxy,
     PostfixRelay,
     RemoteMx,
     Sink,
@@ -65,6 +66,7 @@ class Options:
     workers_cpus: set[int] | None = None
     anchor: bool = True
     baseline: Path | None = None  # another source tree of smtproxy, run side by side
+    python_floor: bool = False  # inbound: also tests.bench.minimal_proxy
     profile_dir: Path | None = None
     profile_seconds: float = 6.0
     quiet_wait: float = 0.0  # before each run, wait up to this long for other programs to calm down
@@ -285,6 +287,9 @@ def _inbound(ctx: Context, name: str, *, resume: bool) -> dict[str, Any]:
     try:
         proxy = Smtproxy("smtproxy", cpus=options.sut_cpus, backend_port=sink.port, chain=ctx.chain)
         systems: list[System] = [proxy, *baseline(ctx, sink.port)]
+        if options.python_floor and options.mode == "starttls":
+            systems.append(MinimalProxy("python-floor", cpus=options.sut_cpus, backend_port=sink.port,
+                                        chain=ctx.chain))
         if options.anchor:
             systems.append(PostfixRelay("postfix-relay", cpus=options.sut_cpus, sink_port=sink.port,
                                         chain=ctx.chain))

@@ -177,6 +177,20 @@ class LogTail:
 # --------------------------------------------------------------------------- peers
 
 
+def start_bench_module(name: str, args: list[str], cpus: set[int] | None) -> subprocess.Popen[bytes]:
+    """``python -m tests.bench.NAME ARGS`` pinned to ``cpus``; returns once it printed
+    its one line "... ready"."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", f"tests.bench.{name}", *args],
+        cwd=Path(__file__).resolve().parents[2], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
+    )
+    assert process.stdout is not None
+    if not process.stdout.readline().endswith(b" ready\n"):
+        raise AssertionError(f"tests.bench.{name} did not start (exit {process.poll()})")
+    return process
+
+
 _COUNTER = re.compile(rb"mesg=(\d+)")
 
 
@@ -242,15 +256,7 @@ class BlackholeSink:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> BlackholeSink:
-        cpus = self.cpus
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "tests.bench.blackhole", str(self.port), str(self.counter)],
-            cwd=Path(__file__).resolve().parents[2], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
-        )
-        assert self.process.stdout is not None
-        if self.process.stdout.readline() != b"blackhole ready\n":
-            raise AssertionError(f"blackhole sink did not start (exit {self.process.poll()})")
+        self.process = start_bench_module("blackhole", [str(self.port), str(self.counter)], self.cpus)
         return self
 
     def cpu(self) -> float:
@@ -344,6 +350,36 @@ class System:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+
+class MinimalProxy(System):
+    """``tests.bench.minimal_proxy``: the least a Python STARTTLS proxy does (see there)."""
+
+    kind = "python-floor"
+
+    def __init__(self, label: str, *, cpus: set[int] | None, backend_port: int, chain: CertFiles) -> None:
+        self.label = label
+        self.cpus = cpus
+        self.backend_port = backend_port
+        self.chain = chain
+        self.starttls_port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> MinimalProxy:
+        self.process = start_bench_module(
+            "minimal_proxy",
+            [str(self.chain.chain_file), str(self.chain.key_file), str(self.starttls_port), str(self.backend_port)],
+            self.cpus)
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(10)
+
+    def root_pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
 
 
 class _FileLoggedSmtproxy(SmtproxyProcess):
