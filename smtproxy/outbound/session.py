@@ -113,7 +113,8 @@ class OutboundSession:
 
     async def _read(self) -> bytes:
         try:
-            data = await asyncio.wait_for(self.reader.read(READ_SIZE), self.settings.idle_timeout)
+            async with asyncio.timeout(self.settings.idle_timeout):  # wait_for would make a task per read
+                data = await self.reader.read(READ_SIZE)
         except asyncio.TimeoutError:
             self._write(Reply.of(421, "4.4.2", f"{self.settings.hostname} Error: timeout exceeded"))
             raise MtaGone("timeout") from None

@@ -33,6 +33,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.discarded_after_starttls = 0
         self.created = time.monotonic()
         self._parser = ReplyParser(max_reply_line)
+        self._loop = asyncio.get_running_loop()  # once: each call costs a getpid()
         self._waiter: asyncio.Future[None] | None = None
         self._closed_reason: str | None = None
         self._handshake_error: TlsHandshakeError | None = None
@@ -43,7 +44,8 @@ class UpstreamConnection(asyncio.Protocol):
     async def open(cls, host: str, port: int, *, timeout: float) -> UpstreamConnection:
         loop = asyncio.get_running_loop()
         try:
-            _, protocol = await asyncio.wait_for(loop.create_connection(cls, host, port), timeout)
+            async with asyncio.timeout(timeout):
+                _, protocol = await loop.create_connection(cls, host, port)
         except asyncio.TimeoutError:
             raise UpstreamError("connection timed out") from None
         except OSError as exc:
@@ -91,9 +93,10 @@ class UpstreamConnection(asyncio.Protocol):
             self._waiter.set_result(None)
 
     async def _wait(self, deadline: float, what: str) -> None:
-        self._waiter = asyncio.get_running_loop().create_future()
+        self._waiter = self._loop.create_future()
         try:
-            await asyncio.wait_for(self._waiter, max(0.0, deadline - time.monotonic()))
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                await self._waiter
         except asyncio.TimeoutError:
             raise UpstreamError(f"timeout {what}") from None
         finally:
