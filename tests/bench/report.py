@@ -67,8 +67,8 @@ def outbound_table(results: dict[str, Any]) -> list[str]:
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for label, row in med.items():
-        kind = label.split(" ")[0]
-        same_anchor = med.get(label.replace("smtproxy", "postfix-relay"), {}) if kind == "smtproxy" else row
+        kind, _, variant = label.partition(" ")
+        same_anchor = med.get(f"postfix-relay {variant}", {}) if kind.startswith("smtproxy") else row
         off = med.get(label.replace("reuse=on", "reuse=off")) if "reuse=on" in label else None
         lat = row["latency_ms"]
         lines.append(

@@ -273,12 +273,11 @@ def floor(ctx: Context) -> dict[str, float]:
     return ctx.floor
 
 
-def baseline(ctx: Context, backend_port: int) -> list[System]:
+def baseline(ctx: Context, label: str = "smtproxy-baseline", **config: Any) -> list[System]:
     """smtproxy from `--baseline`'s source tree, configured like the one under test."""
     if ctx.options.baseline is None:
         return []
-    return [Smtproxy("smtproxy-baseline", cpus=ctx.options.sut_cpus, backend_port=backend_port, chain=ctx.chain,
-                     source=ctx.options.baseline)]
+    return [Smtproxy(label, cpus=ctx.options.sut_cpus, source=ctx.options.baseline, **config)]
 
 
 def _inbound(ctx: Context, name: str, *, resume: bool) -> dict[str, Any]:
@@ -286,7 +285,7 @@ def _inbound(ctx: Context, name: str, *, resume: bool) -> dict[str, Any]:
     sink = Sink(options.load_cpus).start()
     try:
         proxy = Smtproxy("smtproxy", cpus=options.sut_cpus, backend_port=sink.port, chain=ctx.chain)
-        systems: list[System] = [proxy, *baseline(ctx, sink.port)]
+        systems: list[System] = [proxy, *baseline(ctx, backend_port=sink.port, chain=ctx.chain)]
         if options.python_floor and options.mode == "starttls":
             systems.append(MinimalProxy("python-floor", cpus=options.sut_cpus, backend_port=sink.port,
                                         chain=ctx.chain))
@@ -336,6 +335,7 @@ def outbound_reuse(ctx: Context) -> dict[str, Any]:
         systems: list[System] = [
             Smtproxy("smtproxy reuse=on", cpus=options.sut_cpus, inbound=False, outbound=outbound,
                      files={"routes": routes}),
+            *baseline(ctx, "smtproxy-baseline reuse=on", inbound=False, outbound=outbound, files={"routes": routes}),
             Smtproxy("smtproxy reuse=off", cpus=options.sut_cpus, inbound=False,
                      outbound={**outbound, "policy_file": "policy"},
                      files={"routes": routes, "policy": no_reuse}),
@@ -397,7 +397,7 @@ def bulk(ctx: Context) -> dict[str, Any]:
     sink = BlackholeSink(options.load_cpus).start()
     try:
         proxy = Smtproxy("smtproxy", cpus=options.sut_cpus, backend_port=sink.port, chain=ctx.chain)
-        systems: list[System] = [proxy, *baseline(ctx, sink.port)]
+        systems: list[System] = [proxy, *baseline(ctx, backend_port=sink.port, chain=ctx.chain)]
         if options.anchor:
             systems.append(PostfixRelay("postfix-relay", cpus=options.sut_cpus, sink_port=sink.port,
                                         chain=ctx.chain))
