@@ -4,8 +4,8 @@ Reaching the `SSL_CTX *` of an `ssl.SSLContext` relies on CPython's object layou
 (PyObject_HEAD, then the pointer).  Every pointer is validated before use: OpenSSL must
 report the same option bits for it as Python does for the context, and the library
 loaded here must be the very version Python's `_ssl` was built against.  The `SSL *` of
-an `ssl.SSLObject` (PyObject_HEAD, the socket weakref, then the pointer) must belong to
-the `SSL_CTX` of the object's context.
+a memory-BIO `ssl.SSLObject` (PyObject_HEAD, a NULL socket weakref, then the pointer) is
+read only on CPython 3.11 and must belong to the `SSL_CTX` of the object's context.
 
 Verification verdicts: the verify callback installed here accepts every certificate (so a
 server can take self-signed client certificates whose fingerprint is listed) but records
@@ -21,6 +21,7 @@ import ctypes
 import ctypes.util
 import dataclasses
 import ssl
+import sys
 from collections.abc import Iterator
 
 _SSL_CTRL_SET_SESS_CACHE_SIZE = 42
@@ -73,20 +74,34 @@ def _ctx_pointer(context: ssl.SSLContext) -> int:
     return pointer
 
 
-_SSL_POINTER_OFFSET = object.__basicsize__ + ctypes.sizeof(ctypes.c_void_p)
-
-
 def _ssl_pointer(ssl_object: ssl.SSLObject) -> int:
-    pointer = ctypes.c_void_p.from_address(id(ssl_object._sslobj) + _SSL_POINTER_OFFSET).value
-    if not pointer or _lib.SSL_get_SSL_CTX(pointer) != _ctx_pointer(ssl_object.context):
+    """The `SSL *` of a memory-BIO SSLObject: its `Socket` member must be NULL and the
+    pointer after it must belong to the object's `SSL_CTX` (checked before any use)."""
+    socket_member, pointer = (ctypes.c_void_p * 2).from_address(id(ssl_object._sslobj) + object.__basicsize__)
+    if socket_member is not None or not pointer or _lib.SSL_get_SSL_CTX(pointer) != _ctx_pointer(ssl_object.context):
         raise RuntimeError("cannot locate the SSL of an ssl.SSLObject on this Python build")
     return pointer
 
 
+# PySSLSocket's layout (PyObject_HEAD, Socket, ssl) is the one read above in CPython 3.11;
+# elsewhere the saving below is skipped rather than guessed.
+_ssl_layout_known = sys.version_info[:2] == (3, 11)
+
+
 def stop_message_callback(ssl_object: ssl.SSLObject) -> None:
     """No more `SSLContext._msg_callback` calls for this connection: after the handshake
-    it would only copy every application-data record into a bytes object for nothing."""
-    _lib.SSL_set_msg_callback(_ssl_pointer(ssl_object), None)
+    it would only copy every application-data record into a bytes object for nothing.
+    On a Python build whose object layout does not match, this saving is skipped (the
+    callback then keeps running, as it would without it)."""
+    global _ssl_layout_known
+    if not _ssl_layout_known:
+        return
+    try:
+        pointer = _ssl_pointer(ssl_object)
+    except RuntimeError:
+        _ssl_layout_known = False
+        return
+    _lib.SSL_set_msg_callback(pointer, None)
 
 
 def _check(result: int, what: str) -> None:

@@ -118,3 +118,19 @@ def test_close_notify_marks_the_peer_closed(server_tls: ServerTls):
     client.close()
     assert server.receive(client.outgoing()) == b"QUIT\r\n"
     assert server.peer_closed
+
+
+def test_an_unknown_object_layout_only_costs_the_saving(server_tls: ServerTls, monkeypatch):
+    """Where the SSL pointer cannot be found, handshakes still work; the hook stays on."""
+    from smtproxy.tls import openssl_ext
+
+    def layout_not_found(ssl_object):
+        raise RuntimeError("cannot locate the SSL of an ssl.SSLObject on this Python build")
+
+    monkeypatch.setattr(openssl_ext, "_ssl_pointer", layout_not_found)
+    monkeypatch.setattr(openssl_ext, "_ssl_layout_known", True)
+    client = client_engine(client_context())
+    server = handshake(client, server_tls.default_context)
+    client.send(b"QUIT\r\n")
+    assert server.receive(client.outgoing()) == b"QUIT\r\n"
+    assert openssl_ext._ssl_layout_known is False
