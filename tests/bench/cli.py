@@ -82,7 +82,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="Postfix parked sessions (one smtpd process each)")
     p.add_argument("--sut-cpus", default=None, help="CPUs of the system under test (default: the last CPU)")
     p.add_argument("--load-cpus", default=None, help="CPUs of the load generator and peers (default: the others)")
-    p.add_argument("--workers-cpus", default=None, help="CPUs for the workers scenario (default: all)")
+    p.add_argument("--workers-cpus", default=None, help="CPUs for the workers scenario without a quota (default: all)")
+    p.add_argument("--worker-cpu-quota", type=float, default=None, metavar="CPUS",
+                   help="workers: cap each worker process at this fraction of a CPU (cgroup CPU quota), all on the "
+                        "SUT CPU; 0 turns it off (default: 0.4 on fewer than 3 cores, where the load has no core "
+                        "of its own, else off)")
     p.add_argument("--quiet-wait", type=float, default=0.0, metavar="SECONDS",
                    help="before each run wait up to SECONDS for other programs' CPU use to drop below "
                         "--quiet-threshold (shared machines); the load seen is recorded either way")
@@ -118,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         outbound_messages_per_session=args.outbound_messages_per_session, bulk_size=args.bulk_size,
         idle_sessions=args.idle_sessions, anchor_idle_sessions=args.anchor_idle_sessions,
         sut_cpus=sut_cpus, load_cpus=load_cpus, workers_cpus=parse_cpus(args.workers_cpus),
+        worker_cpu_quota=args.worker_cpu_quota,
         anchor=not args.no_anchor, profile_dir=args.profile, quiet_wait=args.quiet_wait,
         quiet_threshold=args.quiet_threshold, baseline=args.baseline,
         python_floor=args.python_floor,

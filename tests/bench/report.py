@@ -123,7 +123,9 @@ def workers_table(results: dict[str, Any]) -> list[str]:
         return ["workers: not available (`smtproxy run` has no `--workers` option yet)."]
     med = scenario["median"]
     one = med.get("smtproxy --workers 1", {})
-    lines = ["| system | sessions/s | CPU ms/session | × 1 worker (sessions/s) | SUT CPU busy | load gen CPU busy |",
+    quota = scenario.get("worker_cpu_quota")
+    heading = [f"Each worker process capped at {quota:g} CPU (cgroup CPU quota), all on the SUT CPU.", ""] if quota else []
+    lines = [*heading, "| system | sessions/s | CPU ms/session | × 1 worker (sessions/s) | SUT CPU busy | load gen CPU busy |",
              "|---|---:|---:|---:|---:|---:|"]
     for label, row in med.items():
         lines.append(f"| {label} | {_f(row['sessions_per_s'], 0)} | {_f(row['cpu_ms_per_session'], 3)} | "
@@ -174,8 +176,14 @@ def targets(results: dict[str, Any], floor: dict[str, float] | None) -> list[str
         med = workers["median"]
         w = _ratio(med["smtproxy --workers 2"]["sessions_per_s"], med["smtproxy --workers 1"]["sessions_per_s"])
         cores = results.get("machine", {}).get("nproc") or 0
-        note = (f" (on {cores} cores shared with the load generator: not a fair test, it needs 2 free cores"
-                " for the workers and one for the load)") if cores < 3 else ""
+        quota = workers.get("worker_cpu_quota")
+        if quota:
+            note = f" (each worker capped at {quota:g} CPU, all on the SUT CPU)"
+        elif cores < 3:
+            note = (f" (on {cores} cores shared with the load generator: not a fair test, it needs 2 free cores"
+                    " for the workers and one for the load)")
+        else:
+            note = ""
         out.append(f"- workers: 2 workers ≥ 1.7 × one: {_f(w)} ×{note} → {verdict(w is not None and w >= 1.7)}")
     else:
         out.append("- workers: not measured in this run")

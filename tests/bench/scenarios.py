@@ -30,6 +30,7 @@ from tests.bench import loadgen
 from tests.bench.floor import openssl_speed
 from tests.bench.systems import (
     BlackholeSink,
+    CpuQuota,
     MinimalProxy,
     PostfixRelay,
     RemoteMx,
@@ -39,6 +40,7 @@ from tests.bench.systems import (
     bench_dir,
     machine_busy_seconds,
     pin,
+    tree_pids,
     wait_for,
 )
 from tests.integration.peers import Pki
@@ -64,6 +66,7 @@ class Options:
     sut_cpus: set[int] | None = None
     load_cpus: set[int] | None = None
     workers_cpus: set[int] | None = None
+    worker_cpu_quota: float | None = None  # workers: CPUs per worker process (None: 0.4 below 3 cores)
     anchor: bool = True
     baseline: Path | None = None  # another source tree of smtproxy, run side by side
     python_floor: bool = False  # inbound: also tests.bench.minimal_proxy
@@ -523,12 +526,23 @@ def workers_supported() -> bool:
 
 
 def workers(ctx: Context) -> dict[str, Any]:
+    """--workers 2 against 1. With a quota (the default on fewer than 3 cores, where the
+    load generator has no core of its own), every worker is capped at that fraction of a
+    CPU and all run on the SUT CPU: the question is then whether twice the workers, given
+    twice the CPU, serve twice the sessions."""
     options = ctx.options
     if not workers_supported():
         options.log("[workers] not available: `smtproxy run` has no --workers option yet")
         return {"available": False, "note": "smtproxy run has no --workers option yet"}
-    cpus = options.workers_cpus or set(range(os.cpu_count() or 1))
-    sink = Sink(None).start()
+    quota = options.worker_cpu_quota
+    if quota is None:
+        quota = 0.4 if (os.cpu_count() or 1) < 3 else 0.0
+    if quota and not CpuQuota.available():
+        options.log("[workers] no writable cgroup cpu controller here: workers run without a CPU quota")
+        quota = 0.0
+    caps = CpuQuota(quota) if quota else None
+    cpus = options.sut_cpus if caps else (options.workers_cpus or set(range(os.cpu_count() or 1)))
+    sink = Sink(options.load_cpus if caps else None).start()
     try:
         systems: list[System] = [
             Smtproxy(f"smtproxy --workers {n}", cpus=cpus, backend_port=sink.port, chain=ctx.chain,
@@ -536,6 +550,12 @@ def workers(ctx: Context) -> dict[str, Any]:
             for n in (1, 2)
         ]
         with started(*systems):
+            if caps:
+                for system in systems:
+                    # the workers, not their supervisor; --workers 1 serves in its own process
+                    for pid in tree_pids(system.root_pid())[1:] or [system.root_pid()]:
+                        caps.apply(pid)
+
             def spec_for(system: System, duration: float) -> loadgen.LoadSpec:
                 return loadgen.LoadSpec(port=system.starttls_port, mode="starttls",
                                         concurrency=options.concurrency, duration=duration,
@@ -554,7 +574,9 @@ def workers(ctx: Context) -> dict[str, Any]:
                     sink.clear()
     finally:
         sink.stop()
-    return {"available": True, "cpus": sorted(cpus), "runs": runs,
+        if caps:
+            caps.remove()
+    return {"available": True, "cpus": sorted(cpus or ()), "worker_cpu_quota": quota, "runs": runs,
             "median": {label: medians(rows) for label, rows in runs.items()}}
 
 

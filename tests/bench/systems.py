@@ -85,6 +85,55 @@ def tree_pids(root: int) -> list[int]:
     return found
 
 
+class CpuQuota:
+    """Caps processes at a fraction of one CPU each, with the kernel's CFS bandwidth
+    control: a cgroup per process (cgroup v1 ``cpu`` controller, or cgroup v2 ``cpu.max``).
+    ``available()`` says whether this machine lets us; nothing is changed otherwise."""
+
+    PERIOD_US = 100_000
+    V1 = Path("/sys/fs/cgroup/cpu")
+    V2 = Path("/sys/fs/cgroup")
+
+    def __init__(self, cpus: float) -> None:
+        self.cpus = cpus
+        self.groups: list[Path] = []
+
+    @classmethod
+    def root(cls) -> Path | None:
+        if (cls.V1 / "cpu.cfs_quota_us").exists():
+            return cls.V1
+        controllers = cls.V2 / "cgroup.controllers"
+        if controllers.exists() and "cpu" in controllers.read_text().split():
+            return cls.V2
+        return None
+
+    @classmethod
+    def available(cls) -> bool:
+        root = cls.root()
+        return root is not None and os.access(root, os.W_OK)
+
+    def apply(self, pid: int) -> None:
+        root = self.root()
+        assert root is not None
+        group = root / f"smtproxy-bench-{pid}"
+        group.mkdir(exist_ok=True)
+        self.groups.append(group)
+        quota = int(self.cpus * self.PERIOD_US)
+        if root == self.V1:
+            (group / "cpu.cfs_period_us").write_text(str(self.PERIOD_US))
+            (group / "cpu.cfs_quota_us").write_text(str(quota))
+        else:
+            (group / "cpu.max").write_text(f"{quota} {self.PERIOD_US}")
+        (group / "cgroup.procs").write_text(str(pid))
+
+    def remove(self) -> None:
+        """After the processes have exited (a group with members cannot be removed)."""
+        for group in self.groups:
+            with contextlib.suppress(OSError):
+                group.rmdir()
+        self.groups.clear()
+
+
 def cpu_seconds(root: int) -> float:
     """utime + stime + cutime + cstime summed over the tree of ``root``."""
     ticks = 0
