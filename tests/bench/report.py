@@ -107,8 +107,10 @@ def idle_table(results: dict[str, Any]) -> list[str]:
     lines = ["| system | sessions parked | RSS KiB/session | PSS KiB/session | × anchor (PSS) | processes |"
              " new session while parked p50 / max ms | errors |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for label, row in med.items():
+        workers = row.get("workers", 1)
         lines.append(
-            f"| {label} | {_f(row['parked'], 0)} | {_f(row['rss_kib_per_session'], 1)} | "
+            f"| {label}{f' --workers {workers:g}' if workers > 1 else ''} | {_f(row['parked'], 0)} | "
+            f"{_f(row['rss_kib_per_session'], 1)} | "
             f"{_f(row['pss_kib_per_session'], 1)} | {_f(_ratio(row['pss_kib_per_session'], anchor.get('pss_kib_per_session')))} | "
             f"{_f(row['processes_parked'], 0)} | {_f(row['probe_ms']['p50'], 1)} / {_f(row['probe_ms']['max'], 1)} | "
             f"{sum((row.get('errors') or {}).values()) + sum((row.get('probe_errors') or {}).values())} |")

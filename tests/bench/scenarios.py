@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import math
 import os
 import resource
 import statistics
@@ -436,14 +437,17 @@ def bulk(ctx: Context) -> dict[str, Any]:
 def idle(ctx: Context) -> dict[str, Any]:
     options = ctx.options
     soft, hard = raise_nofile()
-    # smtproxy holds two descriptors per session (client + backend); one process cannot
-    # hold more than the hard limit. The load generator needs one per session.
-    limit = max(100, (hard - 200) // 2)
-    proxy_sessions = min(options.idle_sessions, limit)
-    anchor_sessions = min(options.anchor_idle_sessions, limit)
-    if proxy_sessions < options.idle_sessions:
-        options.log(f"[idle] RLIMIT_NOFILE hard limit {hard}: {proxy_sessions} sessions instead of "
-                    f"{options.idle_sessions} (two descriptors per proxied session)")
+    # smtproxy holds two descriptors per session (client + backend); one process cannot hold
+    # more than the hard limit (which root may not be allowed to raise). Past that, the
+    # sessions are spread over `--workers` processes (SO_REUSEPORT: unevenly, hence 80 %).
+    # The load generator needs one descriptor per session.
+    per_process = max(100, (hard - 200) // 2)
+    proxy_sessions = min(options.idle_sessions, hard - 500)
+    proxy_workers = math.ceil(proxy_sessions / (0.8 * per_process))
+    anchor_sessions = min(options.anchor_idle_sessions, per_process)
+    if proxy_workers > 1:
+        options.log(f"[idle] RLIMIT_NOFILE hard limit {hard}: {proxy_sessions} sessions over --workers "
+                    f"{proxy_workers} (two descriptors per proxied session)")
     sink = Sink(options.load_cpus, max_sessions=proxy_sessions + 500).start()
     runs: dict[str, list[dict[str, Any]]] = {}
     try:
@@ -452,7 +456,8 @@ def idle(ctx: Context) -> dict[str, Any]:
                 "smtproxy",
                 lambda: Smtproxy("smtproxy", cpus=options.sut_cpus, backend_port=sink.port, chain=ctx.chain,
                                  inbound_extra={"max_connections": proxy_sessions + 200,
-                                                "max_connections_per_client": 0}),
+                                                "max_connections_per_client": 0},
+                                 args=("--workers", str(proxy_workers)) if proxy_workers > 1 else ()),
                 proxy_sessions,
             )]
             if options.anchor:
@@ -468,6 +473,7 @@ def idle(ctx: Context) -> dict[str, Any]:
                 with started(system):
                     row = run_async(_idle_run(system, count, options))
                 row["rep"] = rep
+                row["workers"] = proxy_workers if label == "smtproxy" else 1
                 runs.setdefault(label, []).append(row)
                 options.log(f"[idle rep {rep}]  {label:<16} parked {row['parked']}/{count} in {row['ramp_s']} s,"
                             f" RSS {row['rss_kib_per_session']} KiB/session (PSS {row['pss_kib_per_session']}),"
