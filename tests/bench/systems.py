@@ -109,8 +109,17 @@ class CpuQuota:
 
     @classmethod
     def available(cls) -> bool:
+        """Whether a group can be made here (a container may show the files read-only)."""
         root = cls.root()
-        return root is not None and os.access(root, os.W_OK)
+        if root is None:
+            return False
+        probe = root / f"smtproxy-bench-probe-{os.getpid()}"
+        try:
+            probe.mkdir()
+            probe.rmdir()
+        except OSError:
+            return False
+        return True
 
     def apply(self, pid: int) -> None:
         root = self.root()
