@@ -249,6 +249,13 @@ class LoadResult:
     def percentile(self, p: float) -> float:
         return percentile(self.latencies, p)
 
+    def count_handshake(self, conn: Connection) -> None:
+        if conn.tls is not None:
+            if conn.resumed:
+                self.resumed_handshakes += 1
+            else:
+                self.full_handshakes += 1
+
     def summary(self) -> dict[str, Any]:
         return {
             "elapsed_s": round(self.elapsed, 3),
@@ -359,11 +366,7 @@ async def run_load(spec: LoadSpec) -> LoadResult:
             try:
                 async with asyncio.timeout(spec.timeout):
                     conn = await open_session(spec, context, session if spec.resume else None)
-                    if conn.tls is not None:
-                        if conn.resumed:
-                            result.resumed_handshakes += 1
-                        else:
-                            result.full_handshakes += 1
+                    result.count_handshake(conn)
                     for _ in range(spec.messages_per_session):
                         await send_message(conn, spec, message)
                         now = time.monotonic()
@@ -414,14 +417,10 @@ async def park_sessions(
             try:
                 async with asyncio.timeout(spec.timeout):
                     conn = await open_session(spec, context, session if spec.resume else None)
-                if conn.tls is not None:
-                    if conn.resumed:
-                        result.resumed_handshakes += 1
-                    else:
-                        result.full_handshakes += 1
-                    if spec.resume and session is None:
-                        # TLS 1.3 tickets arrive after the handshake, with the EHLO reply
-                        session = conn.tls.session
+                result.count_handshake(conn)
+                if conn.tls is not None and spec.resume and session is None:
+                    # TLS 1.3 tickets arrive after the handshake, with the EHLO reply
+                    session = conn.tls.session
                 parked.append(conn)
                 result.sessions_ok += 1
             except Exception as exc:
@@ -441,4 +440,5 @@ async def park_sessions(
 async def close_parked(parked: list[Connection]) -> None:
     for conn in parked:
         conn.close()
-    await asyncio.sleep(0.2)
+    async with asyncio.timeout(30):
+        await asyncio.gather(*(conn.writer.wait_closed() for conn in parked), return_exceptions=True)

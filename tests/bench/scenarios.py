@@ -39,6 +39,7 @@ from tests.bench.systems import (
     Smtproxy,
     System,
     bench_dir,
+    established_to,
     machine_busy_seconds,
     pin,
     tree_pids,
@@ -189,6 +190,25 @@ def measured_run(
     return row
 
 
+def alternating_runs(
+    name: str,
+    systems: list[System],
+    spec_for: Callable[[System, float], loadgen.LoadSpec],
+    sink: Sink,
+    options: Options,
+) -> dict[str, list[dict[str, Any]]]:
+    """`options.reps` measured runs per system, in alternating order, delivering to `sink`."""
+    runs: dict[str, list[dict[str, Any]]] = {s.label: [] for s in systems}
+    for rep in range(options.reps):
+        for system in alternate(systems, rep):
+            row = measured_run(system, spec_for(system, options.duration), sink.stored, peers=(sink,))
+            row["rep"] = rep
+            runs[system.label].append(row)
+            options.log(f"[{name} rep {rep}]" + describe(row))
+            sink.clear()
+    return runs
+
+
 def alternate(systems: list[System], rep: int) -> list[System]:
     return systems if rep % 2 == 0 else list(reversed(systems))
 
@@ -307,14 +327,7 @@ def _inbound(ctx: Context, name: str, *, resume: bool) -> dict[str, Any]:
 
             for system in systems:  # warm-up: caches, ticket keys, imports, Postfix processes
                 measured_run(system, spec_for(system, options.warmup), sink.stored)
-            runs: dict[str, list[dict[str, Any]]] = {s.label: [] for s in systems}
-            for rep in range(options.reps):
-                for system in alternate(systems, rep):
-                    row = measured_run(system, spec_for(system, options.duration), sink.stored, peers=(sink,))
-                    row["rep"] = rep
-                    runs[system.label].append(row)
-                    options.log(f"[{name} rep {rep}]" + describe(row))
-                    sink.clear()
+            runs = alternating_runs(name, systems, spec_for, sink, options)
             maybe_profile(ctx, name, proxy, spec_for(proxy, options.profile_seconds))
     finally:
         sink.stop()
@@ -471,7 +484,7 @@ def idle(ctx: Context) -> dict[str, Any]:
             for label, make, count in order:
                 system = make()
                 with started(system):
-                    row = run_async(_idle_run(system, count, options))
+                    row = run_async(_idle_run(system, count, options, sink.port))
                 row["rep"] = rep
                 row["workers"] = proxy_workers if label == "smtproxy" else 1
                 runs.setdefault(label, []).append(row)
@@ -486,15 +499,16 @@ def idle(ctx: Context) -> dict[str, Any]:
             "nofile": {"soft": soft, "hard": hard}}
 
 
-async def _idle_run(system: System, count: int, options: Options) -> dict[str, Any]:
+async def _idle_run(system: System, count: int, options: Options, sink_port: int) -> dict[str, Any]:
     base_spec = loadgen.LoadSpec(port=system.starttls_port, mode="starttls", concurrency=4, sessions=40,
                                  duration=10, resume=False)
     await loadgen.run_load(base_spec)  # warm-up
-    await asyncio.sleep(1.0)
+    # "before" once the warm-up's sessions are gone (a relay's cached connections to the sink too)
+    wait_for(lambda: established_to(sink_port) == 0, 15, "warm-up connections to the sink closed")
     before = system.memory()
     park_spec = dataclasses.replace(base_spec, resume=True, timeout=60)
+    # every parked session has had its EHLO answered: nothing is left in flight to wait for
     parked, tally = await loadgen.park_sessions(park_spec, count, concurrency=100, deadline=180)
-    await asyncio.sleep(2.0)
     after = system.memory()
     probe = await loadgen.run_load(dataclasses.replace(
         base_spec, concurrency=1, sessions=options.idle_probes, duration=30, timeout=10))
@@ -570,14 +584,7 @@ def workers(ctx: Context) -> dict[str, Any]:
             for system in systems:
                 run_async(loadgen.run_load(spec_for(system, options.warmup)))
             sink.clear()
-            runs: dict[str, list[dict[str, Any]]] = {s.label: [] for s in systems}
-            for rep in range(options.reps):
-                for system in alternate(systems, rep):
-                    row = measured_run(system, spec_for(system, options.duration), sink.stored, peers=(sink,))
-                    row["rep"] = rep
-                    runs[system.label].append(row)
-                    options.log(f"[workers rep {rep}]" + describe(row))
-                    sink.clear()
+            runs = alternating_runs("workers", systems, spec_for, sink, options)
     finally:
         sink.stop()
         if caps:

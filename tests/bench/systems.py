@@ -35,6 +35,7 @@ from tests.integration.peers import (
     SmtpSink,
     free_port,
     postfix_tls_server_params,
+    stop_process,
     wait_until,
     write_config,
 )
@@ -160,6 +161,18 @@ def machine_busy_seconds() -> float:
         fields = [int(value) for value in stat.readline().split()[1:]]
     idle = fields[3] + fields[4]  # idle + iowait
     return (sum(fields[:8]) - idle) / CLK_TCK
+
+
+def established_to(port: int) -> int:
+    """TCP connections on this host in state ESTABLISHED to ``port`` (IPv4, /proc/net/tcp)."""
+    count = 0
+    with open("/proc/net/tcp") as table:
+        next(table)
+        for line in table:
+            fields = line.split()
+            if fields[3] == "01" and int(fields[2].rsplit(":", 1)[1], 16) == port:
+                count += 1
+    return count
 
 
 def memory_kib(root: int) -> dict[str, int]:
@@ -328,9 +341,7 @@ class BlackholeSink:
     clear = Sink.clear
 
     def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(10)
+        stop_process(self.process)
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
@@ -431,9 +442,7 @@ class MinimalProxy(System):
         return self
 
     def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(10)
+        stop_process(self.process)
 
     def root_pid(self) -> int:
         assert self.process is not None

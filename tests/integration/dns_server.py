@@ -29,7 +29,7 @@ import dns.message
 import dns.query
 import pytest
 
-from tests.integration.peers import LOOPBACK, free_port, wait_until
+from tests.integration.peers import LOOPBACK, free_port, stop_process, wait_until
 
 UNBOUND = shutil.which("unbound") or shutil.which("unbound", path="/usr/sbin:/sbin")
 
@@ -132,13 +132,7 @@ class Unbound:
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM, then SIGKILL after ``timeout``. Idempotent."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout)
+        stop_process(self.process, timeout)
 
     def log_text(self) -> str:
         """Unbound's log: start-up problems, and one line per answered query."""

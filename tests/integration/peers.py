@@ -84,6 +84,18 @@ def wait_until(
         time.sleep(min(interval, remaining))
 
 
+def stop_process(process: subprocess.Popen | None, timeout: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL after ``timeout``. Idempotent; None is nothing to stop."""
+    if process is None or process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout)
+
+
 def wait_for_port(host: str, port: int, timeout: float = 10.0) -> None:
     """Wait until a TCP connection to ``host:port`` succeeds (the listener is bound).
 
@@ -678,14 +690,7 @@ class SmtpSink:
 
     def stop(self, timeout: float = 10.0) -> None:
         """Terminate smtp-sink (SIGTERM, then SIGKILL after ``timeout``). Idempotent."""
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout)
+        stop_process(self.process, timeout)
 
     def __enter__(self) -> SmtpSink:
         return self.start()

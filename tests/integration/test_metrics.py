@@ -30,6 +30,7 @@ from tests.integration.peers import (
     openssl_s_client,
     postfix_tls_server_params,
     run_swaks,
+    stop_process,
     wait_until,
     write_config,
 )
@@ -100,13 +101,7 @@ class Prometheus:
         return self.log_file.read_text(errors="replace") if self.log_file.exists() else ""
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+        stop_process(self.process, 20)
 
 
 class Stack:

@@ -40,6 +40,7 @@ from tests.integration.peers import (
     free_port,
     postfix_tls_server_params,
     run_swaks,
+    stop_process,
     wait_for_port,
     wait_until,
 )
@@ -216,13 +217,7 @@ pidfilename = {root}/reportd.pid
             reportd.wait(10)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+        stop_process(self.process)
 
 
 @pytest.fixture

@@ -37,17 +37,23 @@ def test_lines_of_one_loop_turn_leave_in_one_write():
     stream = CountingStream()
     log_setup.configure("json", "info", stream)
     log = structlog.get_logger("test")
+    writes: list[int] = []
+    loop = asyncio.new_event_loop()
 
-    async def turn() -> int:
+    def one_turn() -> None:
         for n in range(5):
-            log.info("line", n=n)
-        written_during_turn = stream.writes
-        await asyncio.sleep(0)  # the end of this turn
-        await asyncio.sleep(0)
-        return written_during_turn
+            log.info("line", n=n)  # the first one schedules the flush
+        writes.append(stream.writes)
+        loop.call_soon(after_the_turn)  # queued behind the flush
 
-    assert asyncio.run(turn()) == 0
-    assert stream.writes == 1
+    def after_the_turn() -> None:
+        writes.append(stream.writes)
+        loop.stop()
+
+    loop.call_soon(one_turn)
+    loop.run_forever()
+    loop.close()
+    assert writes == [0, 1]
     assert [line["n"] for line in lines(stream)] == [0, 1, 2, 3, 4]
 
 
