@@ -1,7 +1,9 @@
 """The benchmark (tests/bench, issue 8) still works end to end: every scenario against every
 system, each for half a second. This checks what the bench does, never how fast anything
 is: every session succeeds, every accepted message reaches the far side, resumption and
-connection reuse happen. The figures themselves belong in BENCHMARKS.md, not in tests.
+connection reuse happen. The load generator alone is also run in each of its modes
+(plaintext against smtp-sink; STARTTLS and implicit TLS with resumption against smtproxy).
+The figures themselves belong in BENCHMARKS.md, not in tests.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from tests.integration.peers import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 SCENARIO_SYSTEMS = {
@@ -46,6 +50,8 @@ def test_every_system_completes_its_sessions(bench, scenario):
         assert row["errors"] == {}, (label, row["errors"])
         assert row["messages_ok"] > 0, label
         assert row["all_delivered"], (label, row["delivered"], row["messages_ok"])
+        if scenario != "bulk":  # half a second of load: CPU shows at /proc's 10 ms resolution
+            assert row["sut_cpu_s"] > 0, label  # summed over the whole process tree
 
 
 @pytest.mark.timeout(450)
@@ -68,7 +74,46 @@ def test_idle_parks_every_session_and_still_answers(bench):
 
 @pytest.mark.timeout(450)
 def test_report_has_every_table_and_the_verdicts(bench):
+    floor = bench[0]["floor"]
+    assert floor["x25519_ops_per_s"] > 0 and floor["ecdsa_p256_sign_per_s"] > 0  # openssl speed ran
     report = bench[1]
     for heading in ("### Crypto floor", "### Inbound", "### Outbound reuse", "### Bulk", "### Idle", "### Workers",
                     "### Targets of issue 8"):
         assert heading in report, heading
+
+
+def run_load(port: int, *args: str) -> dict:
+    """`python -m tests.bench load` (the load generator alone) -> its JSON summary."""
+    result = subprocess.run([sys.executable, "-m", "tests.bench", "load", "--port", str(port), *args],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout)
+
+
+def test_load_generator_plaintext_against_smtp_sink(smtp_sink):
+    summary = run_load(smtp_sink.port, "--mode", "plain", "-c", "3", "-m", "2", "--sessions", "12")
+    assert (summary["sessions_ok"], summary["messages_ok"], summary["errors"]) == (12, 24, {})
+    assert summary["bound"] == "sessions"
+    assert len(smtp_sink.message_files()) == 24
+
+
+@pytest.mark.parametrize("mode", ["starttls", "implicit"])
+def test_load_generator_tls_with_resumption_against_smtproxy(mode, pki, smtp_sink, smtproxy):
+    chain = pki.server_cert("mx.bench.test")
+    port, tls_port = free_port(), free_port()
+    smtproxy({
+        "inbound": {
+            "listen": [f"127.0.0.1:{port}"], "implicit_tls_listen": [f"127.0.0.1:{tls_port}"],
+            "backend": f"127.0.0.1:{smtp_sink.port}", "hostname": "mx.bench.test",
+            "certificates": [{"cert_file": str(chain.cert_file), "key_file": str(chain.key_file)}],
+        },
+        "outbound": {"listen": []}, "metrics": {"listen": ""}, "tlsrpt": {"socket": ""},
+    })
+    summary = run_load(tls_port if mode == "implicit" else port, "--mode", mode, "-c", "1", "--sessions", "5",
+                       "--resume", "-s", "10k")
+    assert (summary["sessions_ok"], summary["messages_ok"], summary["errors"]) == (5, 5, {})
+    # one sender: its first session is a full handshake, each next one resumes the last
+    assert (summary["full_handshakes"], summary["resumed_handshakes"]) == (1, 4)
+    assert len(summary["latency_ms"]) == 3
+    messages = smtp_sink.messages()
+    assert len(messages) == 5 and all(len(message) >= 10 * 1024 for message in messages)
