@@ -6,11 +6,18 @@ a local 250 after a syntax check, but every RCPT reply and the final reply after
 are the remote's own (a remote refusal of MAIL becomes the RCPT reply).  One destination per
 transaction: a RCPT for another domain gets `452 4.5.3`, and the MTA sends it next time.
 Commands are answered strictly in order, so the MTA may pipeline.
+
+When the remote offers PIPELINING (RFC 2920), MAIL goes out together with the RCPT being
+handled and whatever the MTA pipelined right after it: further RCPTs for the same domain
+and a DATA that ends the group.  Their replies are read as the MTA's commands come up in
+order, so each reply still answers its own command; a transaction then costs two round
+trips to the remote (envelope, then the message) instead of one per command.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import time
 from collections.abc import Awaitable, Callable
@@ -35,6 +42,7 @@ from smtproxy.smtp import (
 
 COMMAND_LINE_LIMIT = 2048
 READ_SIZE = 64 * 1024
+MAX_PIPELINED_RCPTS = 100  # bound on the RCPTs sent ahead in one group
 
 # MAIL/RCPT parameters and the remote extension each needs (RFC 1870, 6152, 6531, 3461)
 _MAIL_PARAMS = {"SIZE": "SIZE", "BODY": "8BITMIME", "SMTPUTF8": "SMTPUTF8", "RET": "DSN", "ENVID": "DSN"}
@@ -77,6 +85,18 @@ def recipient_domain(path: str) -> str | None:
     return domain.rstrip(".").lower()
 
 
+def _line(text: str) -> bytes:
+    return text.encode("utf-8", "surrogateescape") + b"\r\n"
+
+
+def _forward_line(command: Command, remote: RemoteSession) -> bytes:
+    """What goes to the remote for the MTA's RCPT or DATA."""
+    if command.verb == "DATA":
+        return b"DATA\r\n"
+    path, params = parse_rcpt_to(command.arg)
+    return _line(f"RCPT TO:<{path}>" + filter_params(params, _RCPT_PARAMS, remote.ehlo))
+
+
 def filter_params(params: dict[str, str | None], allowed: dict[str, str], remote) -> str:
     """The parameters the remote's EHLO reply allows, as ` KEY=VALUE ...` (or "")."""
     kept = [key if value is None else f"{key}={value}" for key, value in params.items()
@@ -108,6 +128,8 @@ class OutboundSession:
         self.remote: RemoteSession | None = None
         self.remote_refusal: Reply | None = None
         self.accepted = 0
+        # commands of the MTA sent to the remote ahead of their turn (PIPELINING), oldest first
+        self.sent_ahead: collections.deque[Command] = collections.deque()
 
     # ----------------------------------------------------------------- I/O helpers
 
@@ -151,6 +173,8 @@ class OutboundSession:
                     self._write(exc.reply)
                     continue
                 refusal = self.smtp.check(command)
+                if self.sent_ahead and (refusal is not None or self.sent_ahead[0] != command):
+                    await self._settle_sent_ahead()
                 if refusal is not None:
                     self._write(refusal)
                     if refusal.code == 221:
@@ -179,7 +203,7 @@ class OutboundSession:
         if verb == "RCPT":
             return await self._rcpt(command)
         if verb == "DATA":
-            return await self._data()
+            return await self._data(command)
         if verb == "RSET":
             self._end_transaction()
             return Reply.of(250, "2.0.0", "Ok")
@@ -197,7 +221,7 @@ class OutboundSession:
     # ----------------------------------------------------------------- RCPT
 
     async def _rcpt(self, command: Command) -> Reply:
-        path, params = parse_rcpt_to(command.arg)
+        path, _ = parse_rcpt_to(command.arg)
         domain = recipient_domain(path)
         if domain is None:
             return Reply.of(501, "5.1.3", "Bad recipient address syntax")
@@ -208,22 +232,24 @@ class OutboundSession:
         if self.remote_refusal is not None:
             return self.remote_refusal
         if self.remote is None:
-            refusal = await self._open_transaction(domain)
+            refusal = await self._open_transaction(domain, command)
             if refusal is not None:
                 self.remote_refusal = refusal
                 return refusal
         assert self.remote is not None
-        rcpt = f"RCPT TO:<{path}>" + filter_params(params, _RCPT_PARAMS, self.remote.ehlo)
         try:
-            reply = await self.remote.connection.command(rcpt, self.settings.reply_timeout)
+            if not self._was_sent_ahead(command):
+                self.remote.connection.send(_forward_line(command, self.remote))
+            reply = await self.remote.connection.read_reply(self.settings.reply_timeout, "waiting for reply to RCPT")
         except UpstreamError as exc:
             return self._remote_lost(exc)
         if reply.is_positive_completion:
             self.accepted += 1
         return reply
 
-    async def _open_transaction(self, domain: str) -> Reply | None:
-        """Connect and send MAIL; a refusal to answer every RCPT of this transaction."""
+    async def _open_transaction(self, domain: str, rcpt: Command) -> Reply | None:
+        """Connect and send MAIL (with `rcpt` and what follows it, under PIPELINING); a
+        refusal to answer every RCPT of this transaction."""
         assert self.mail is not None
         sender, params = self.mail
         while True:
@@ -236,8 +262,10 @@ class OutboundSession:
                 self.release(remote, True)
                 return Reply.of(553, "5.6.7", f"SMTPUTF8 is required, but was not offered by host {remote.peer}")
             mail = f"MAIL FROM:<{sender}>" + filter_params(params, _MAIL_PARAMS, remote.ehlo)
+            ahead = [rcpt, *self._pipelined_after(domain)] if remote.ehlo.has("PIPELINING") else []
             try:
-                reply = await remote.connection.command(mail, self.settings.reply_timeout)
+                remote.connection.send(b"".join([_line(mail), *(_forward_line(c, remote) for c in ahead)]))
+                reply = await remote.connection.read_reply(self.settings.reply_timeout, "waiting for reply to MAIL")
                 break
             except UpstreamError as exc:
                 if remote.reused:
@@ -247,27 +275,78 @@ class OutboundSession:
                 return Reply.of(451, "4.4.2",
                                 f"lost connection with {remote.peer} while sending MAIL FROM: {exc.reason}")
         if not reply.is_positive_completion:
-            self.release(remote, remote.connection.alive and reply.code != 421)
+            settled = await self._drop_replies(remote, ahead)
+            self.release(remote, settled and remote.connection.alive and reply.code != 421)
             return reply
         self.remote = remote
+        self.sent_ahead.extend(ahead)
         return None
+
+    def _pipelined_after(self, domain: str) -> list[Command]:
+        """The RCPTs for `domain` the MTA pipelined after the current one, and a DATA right
+        after them: only commands no local check can refuse, so each reply the remote
+        gives is the reply the MTA gets."""
+        commands: list[Command] = []
+        for line in self.lines.complete_lines(MAX_PIPELINED_RCPTS):
+            try:
+                command = parse_command(line)
+                if command.verb == "DATA" and not command.arg.strip(" "):
+                    commands.append(command)  # RFC 2920: DATA ends a group
+                    break
+                if command.verb != "RCPT" or recipient_domain(parse_rcpt_to(command.arg)[0]) != domain:
+                    break
+            except PeerProtocolError:
+                break
+            commands.append(command)
+        return commands
+
+    def _was_sent_ahead(self, command: Command) -> bool:
+        if self.sent_ahead and self.sent_ahead[0] == command:
+            self.sent_ahead.popleft()
+            return True
+        return False
+
+    async def _drop_replies(self, remote: RemoteSession, commands: list[Command]) -> bool:
+        """Read and drop the remote's replies to `commands`; False if the connection is
+        not fit for another transaction (lost, or waiting for message data after a 354)."""
+        try:
+            for _ in commands:
+                reply = await remote.connection.read_reply(self.settings.reply_timeout, "waiting for a pipelined reply")
+                if reply.code == 354:
+                    return False
+        except UpstreamError:
+            return False
+        return True
+
+    async def _settle_sent_ahead(self) -> None:
+        """The MTA's next command is not the one sent ahead, or it gets a local answer after
+        all (DATA once the remote refused every RCPT): the remote's replies to what was sent
+        ahead must not answer later commands."""
+        assert self.remote is not None
+        commands = list(self.sent_ahead)
+        self.sent_ahead.clear()
+        if not await self._drop_replies(self.remote, commands):
+            self.remote.connection.abort()  # nothing is sent: the remote delivers nothing
 
     def _remote_lost(self, exc: UpstreamError) -> Reply:
         assert self.remote is not None
         peer = self.remote.peer
         self.remote.connection.abort()
         self.remote = None
+        self.sent_ahead.clear()
         self.remote_refusal = Reply.of(451, "4.4.2", f"lost connection with {peer}: {exc.reason}")
         return self.remote_refusal
 
     # ----------------------------------------------------------------- DATA
 
-    async def _data(self) -> Reply:
+    async def _data(self, command: Command) -> Reply:
         if self.remote is None:
             return self.remote_refusal or Reply.of(554, "5.5.1", "Error: no valid recipients")
         remote = self.remote
         try:
-            reply = await remote.connection.command("DATA", self.settings.reply_timeout)
+            if not self._was_sent_ahead(command):
+                remote.connection.send(b"DATA\r\n")
+            reply = await remote.connection.read_reply(self.settings.reply_timeout, "waiting for reply to DATA")
         except UpstreamError as exc:
             reply = self._remote_lost(exc)
         if reply.code != 354:
@@ -333,7 +412,7 @@ class OutboundSession:
     def _end_transaction(self) -> None:
         """Hand the remote back (it gets RSET for reuse or QUIT) and forget the envelope."""
         if self.remote is not None:
-            self.release(self.remote, self.remote.connection.alive)
+            self.release(self.remote, self.remote.connection.alive and not self.sent_ahead)
         self._reset_transaction()
 
     def _abandon_remote(self) -> None:

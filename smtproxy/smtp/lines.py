@@ -52,6 +52,19 @@ class LineReader:
             del self._buffer[: end + 1]
         return LINE_TOO_LONG
 
+    def complete_lines(self, max_lines: int) -> list[bytes]:
+        """Up to `max_lines` complete lines already buffered, left in place: what a client
+        has pipelined (RFC 2920) beyond the line being handled.  Stops before a too-long line."""
+        lines: list[bytes] = []
+        start = 0
+        while len(lines) < max_lines:
+            end = self._buffer.find(b"\n", start, start + self._limit)
+            if end < 0:
+                break
+            lines.append(bytes(self._buffer[start : end + 1]))
+            start = end + 1
+        return lines
+
     def take_buffer(self) -> bytes:
         """Remove and return everything buffered; the caller takes over the stream."""
         data = bytes(self._buffer)

@@ -527,7 +527,129 @@ def test_bare_lf_is_refused_by_the_strict_remote_when_sent_directly(postfix_fact
         assert client.read_reply().code == 550
 
 
-# --------------------------------------------------------------------------- 5. MX routing
+# --------------------------------------------------------------------------- 5. pipelining (RFC 2920)
+
+
+def pipelined_transaction(mta: RawSmtpClient, recipients: list[str], marker: str) -> list[Reply]:
+    """MAIL, every RCPT and DATA in one send, as a pipelining MTA does; the replies, and
+    after a 354 the message and its final reply."""
+    mta.send(b"".join(f"{line}\r\n".encode() for line in
+                      [f"MAIL FROM:<{SENDER}>", *(f"RCPT TO:<{r}>" for r in recipients), "DATA"]))
+    replies = [mta.read_reply() for _ in range(len(recipients) + 2)]
+    if replies[-1].code == 354:
+        mta.send(message(marker) + b".\r\n")
+        replies.append(mta.read_reply())
+    return replies
+
+
+def pipelined_to_scripted_remote(script, domain: str, scripted_remote, start_outbound) -> tuple[list[Reply], dict]:
+    """A pipelined transaction to one@ and two@`domain` through the proxy to a scripted
+    remote that stores the message in its notes; the MTA's replies and those notes."""
+    remote = scripted_remote(script)
+    proxy = start_outbound({domain: f"[127.0.0.1]:{remote.port}"}, default_level="may")
+    marker = token()
+    with open_session(proxy) as mta:
+        replies = pipelined_transaction(mta, [f"one@{domain}", f"two@{domain}"], marker)
+        mta.command("QUIT")
+    remote.join()
+    assert marker.encode() in remote.notes["message"]
+    return replies, remote.notes
+
+
+def test_the_envelope_reaches_a_pipelining_remote_in_one_group(scripted_remote, start_outbound):
+    """The remote offers PIPELINING: MAIL, both RCPTs and DATA reach it before it has
+    answered anything (what arrived in one read is what no real MTA can show us), and each
+    of its replies answers the MTA's own command, in order."""
+
+    def script(c: Conversation) -> None:
+        c.send(b"220 mx.pipe.test ESMTP\r\n")
+        c.expect(b"EHLO ")
+        c.send(b"250-mx.pipe.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n")
+        while not c.buffer.endswith(b"DATA\r\n"):
+            c.fill()
+        c.notes["group"] = c.buffer.split(b"\r\n")[:-1]
+        c.buffer = b""
+        c.send(b"250 2.1.0 sender ok\r\n250 2.1.5 one ok\r\n550 5.1.1 two unknown\r\n354 go ahead\r\n")
+        c.notes["message"] = c.data()
+        c.send(b"250 2.0.0 queued as PIPE1\r\n")
+        c.goodbye()
+
+    replies, notes = pipelined_to_scripted_remote(script, "pipe.test", scripted_remote, start_outbound)
+    assert [str(r) for r in replies] == [
+        "250 2.1.0 Ok", "250 2.1.5 one ok", "550 5.1.1 two unknown", "354 go ahead", "250 2.0.0 queued as PIPE1"]
+    assert notes["group"] == [
+        f"MAIL FROM:<{SENDER}>".encode(), b"RCPT TO:<one@pipe.test>", b"RCPT TO:<two@pipe.test>", b"DATA"]
+
+
+def test_a_remote_without_pipelining_gets_one_command_per_reply(scripted_remote, start_outbound):
+    """The same pipelined MTA transaction to a remote that does not offer PIPELINING:
+    each command reaches it alone, after its reply to the one before."""
+
+    def script(c: Conversation) -> None:
+        c.send(b"220 mx.lockstep.test ESMTP\r\n")
+        c.expect(b"EHLO ")
+        c.send(b"250-mx.lockstep.test\r\n250 8BITMIME\r\n")
+        arrived_alone = []
+        for command, reply in ((b"MAIL FROM:", b"250 2.1.0 Ok\r\n"), (b"RCPT TO:<ONE@", b"250 2.1.5 Ok\r\n"),
+                               (b"RCPT TO:<TWO@", b"250 2.1.5 Ok\r\n"), (b"DATA", b"354 go ahead\r\n")):
+            c.expect(command)
+            arrived_alone.append(c.buffer == b"")  # one write: the rest would be in this segment
+            c.send(reply)
+        c.notes["arrived alone"] = arrived_alone
+        c.notes["message"] = c.data()
+        c.send(b"250 2.0.0 queued as STEP1\r\n")
+        c.goodbye()
+
+    replies, notes = pipelined_to_scripted_remote(script, "lockstep.test", scripted_remote, start_outbound)
+    assert [r.code for r in replies] == [250, 250, 250, 354, 250], [str(r) for r in replies]
+    assert notes["arrived alone"] == [True, True, True, True]
+
+
+@pytest.mark.parametrize("pipelining", [True, False], ids=["pipelining", "no-pipelining"])
+def test_pipelined_transaction_to_postfix_with_one_recipient_refused(postfix_factory, start_outbound, pipelining):
+    """A real Postfix remote, with and without PIPELINING in its EHLO reply, refuses one
+    of three recipients: the MTA gets Postfix's replies in order, and both accepted
+    recipients get the message."""
+    remote = postfix_factory(domains=["remote.test"], hostname="mx.remote.test", extra_main_cf={
+        "smtpd_recipient_restrictions": "check_recipient_access inline:{nobody@remote.test=REJECT}, permit",
+        **({} if pipelining else {"smtpd_discard_ehlo_keywords": "pipelining"}),
+    })
+    proxy = start_outbound({"remote.test": f"[127.0.0.1]:{remote.port}"}, default_level="may")
+    marker = token()
+    with open_session(proxy) as mta:
+        replies = pipelined_transaction(mta, ["one@remote.test", "nobody@remote.test", "two@remote.test"], marker)
+        mta.command("QUIT")
+    assert [r.code for r in replies] == [250, 250, 554, 250, 354, 250], [str(r) for r in replies]
+    assert replies[2].text.startswith("5.7.1 <nobody@remote.test>: Recipient address rejected"), replies[2]
+    copies = wait_until(lambda: len(with_marker(remote.messages(), marker)) == 2 and with_marker(remote.messages(), marker),
+                        20, "both accepted recipients' copies at the remote")
+    assert sorted(line for m in copies for line in m.splitlines() if line.startswith(b"Delivered-To:")) == [
+        b"Delivered-To: one@remote.test", b"Delivered-To: two@remote.test"]
+    session = remote.wait_for_log(r"disconnect from unknown\[127\.0\.0\.1\] .*")
+    assert "rcpt=2/3 data=1" in session.group(0), session.group(0)
+
+
+def test_data_sent_ahead_after_every_rcpt_was_refused_delivers_nothing(smtp_sink_factory, start_outbound):
+    """smtp-sink refuses the only RCPT but answers the DATA sent ahead with 354 (a real
+    server would refuse it). The MTA gets the RCPT's 550 and a local 503 for DATA; the
+    proxy drops that remote connection rather than leave it waiting for a message, and
+    the MTA's next transaction in the same session gets its own fresh replies."""
+    refusal = "550 5.1.1 <user@sink.test>: Recipient address rejected"
+    sink = smtp_sink_factory(hard_reject=["RCPT"], hard_reply=refusal)
+    proxy = start_outbound({"sink.test": f"[127.0.0.1]:{sink.port}"}, default_level="may")
+    with open_session(proxy) as mta:
+        first = pipelined_transaction(mta, ["user@sink.test"], token())
+        assert [str(r) for r in first[:2]] == ["250 2.1.0 Ok", refusal]
+        assert first[2].code == 503, first[2]
+        assert mta.command("RSET").code == 250
+        second = pipelined_transaction(mta, ["user@sink.test"], token())
+        assert [str(r) for r in second[:2]] == ["250 2.1.0 Ok", refusal]
+        assert second[2].code == 503, second[2]
+        assert mta.command("QUIT").code == 221
+    assert not sink.messages()
+
+
+# --------------------------------------------------------------------------- 6. MX routing
 
 
 def _require_loopback_addresses(*hosts: str) -> None:

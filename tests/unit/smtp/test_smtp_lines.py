@@ -91,3 +91,26 @@ def test_lines_are_the_input_less_too_long_ones(data, limit):
         expected.append(LINE_TOO_LONG)
     assert lines == expected
     assert left == (tail if len(tail) < limit else b"")
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.binary(max_size=200), limit=st.integers(1, 20), max_lines=st.integers(0, 12))
+def test_complete_lines_are_the_next_lines_up_to_a_too_long_one_and_stay_buffered(data, limit, max_lines):
+    reader = LineReader(limit)
+    reader.feed(data)
+    peeked = reader.complete_lines(max_lines)
+    assert reader.buffered == len(data)
+    following = []
+    while len(following) < max_lines:
+        line = reader.next_line()
+        if not isinstance(line, bytes):
+            break
+        following.append(line)
+    assert peeked == following
+
+
+def test_complete_lines_leave_out_an_unfinished_line():
+    reader = LineReader(100)
+    reader.feed(b"RCPT TO:<a@x>\r\nDATA\r\nSubj")
+    assert reader.complete_lines(10) == [b"RCPT TO:<a@x>\r\n", b"DATA\r\n"]
+    assert reader.complete_lines(1) == [b"RCPT TO:<a@x>\r\n"]
