@@ -75,6 +75,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="force the TLS version (default: negotiate, i.e. 1.3)")
     p.add_argument("--outbound-concurrency", type=int, default=10)
     p.add_argument("--outbound-messages-per-session", type=int, default=1)
+    p.add_argument("--remote-rtt", type=float, default=0.0, metavar="MS",
+                   help="outbound-reuse: round-trip time to the remote MX, added by tests.bench.delay_relay "
+                        "(loopback has none: reuse then saves CPU only)")
     p.add_argument("--bulk-size", type=_size, default=50 * 1024 * 1024)
     p.add_argument("--idle-sessions", type=int, default=10_000,
                    help="smtproxy parked sessions (capped by RLIMIT_NOFILE: 2 fds per session)")
@@ -119,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         reps=args.reps, duration=args.duration, warmup=args.warmup, concurrency=args.concurrency,
         size=args.size, mode=args.mode if args.mode != "plain" else "starttls", tls_version=args.tls_version,
         outbound_concurrency=args.outbound_concurrency,
-        outbound_messages_per_session=args.outbound_messages_per_session, bulk_size=args.bulk_size,
+        outbound_messages_per_session=args.outbound_messages_per_session, remote_rtt_ms=args.remote_rtt,
+        bulk_size=args.bulk_size,
         idle_sessions=args.idle_sessions, anchor_idle_sessions=args.anchor_idle_sessions,
         sut_cpus=sut_cpus, load_cpus=load_cpus, workers_cpus=parse_cpus(args.workers_cpus),
         worker_cpu_quota=args.worker_cpu_quota,

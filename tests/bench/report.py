@@ -192,6 +192,11 @@ def targets(results: dict[str, Any], floor: dict[str, float] | None) -> list[str
     return out
 
 
+def _rtt(results: dict[str, Any]) -> str:
+    rtt = results.get("outbound-reuse", {}).get("remote_rtt_ms")
+    return f"; {rtt:g} ms round trip to the remote, emulated" if rtt else ""
+
+
 def render(results: dict[str, Any]) -> str:
     floor = results.get("floor")
     parts: list[str] = []
@@ -203,7 +208,7 @@ def render(results: dict[str, Any]) -> str:
                   f" resumed {floor['resumed_handshake_cpu_ms']:.3f} ms.", ""]
     for title, table in (
         ("Inbound (STARTTLS + one message per session)", inbound_table(results, floor)),
-        ("Outbound reuse (plaintext in, STARTTLS out, one destination)", outbound_table(results)),
+        (f"Outbound reuse (plaintext in, STARTTLS out, one destination{_rtt(results)})", outbound_table(results)),
         ("Bulk (one message through inbound STARTTLS)", bulk_table(results)),
         ("Idle (TLS sessions parked after EHLO)", idle_table(results)),
         ("Workers (inbound-new)", workers_table(results)),

@@ -32,6 +32,7 @@ from tests.bench.floor import openssl_speed
 from tests.bench.systems import (
     BlackholeSink,
     CpuQuota,
+    DelayRelay,
     MinimalProxy,
     PostfixRelay,
     RemoteMx,
@@ -61,6 +62,7 @@ class Options:
     tls_version: str | None = None
     outbound_concurrency: int = 10
     outbound_messages_per_session: int = 1
+    remote_rtt_ms: float = 0.0  # outbound-reuse: round-trip time to the remote MX (tests.bench.delay_relay)
     bulk_size: int = 50 * 1024 * 1024
     idle_sessions: int = 10_000
     anchor_idle_sessions: int = 1_000
@@ -345,9 +347,14 @@ def inbound_resumed(ctx: Context) -> dict[str, Any]:
 def outbound_reuse(ctx: Context) -> dict[str, Any]:
     options = ctx.options
     remote = RemoteMx(ctx.chain, options.load_cpus).start()
+    relay = DelayRelay(remote.port, options.remote_rtt_ms, options.load_cpus) if options.remote_rtt_ms else None
+    peers: tuple[Any, ...] = (remote, relay) if relay else (remote,)
     try:
-        routes = f"remote.test [127.0.0.1]:{remote.port}\n"
-        no_reuse = f"[127.0.0.1]:{remote.port} may connection_reuse=no\nremote.test may connection_reuse=no\n"
+        if relay:
+            relay.start()
+        remote_port = relay.port if relay else remote.port
+        routes = f"remote.test [127.0.0.1]:{remote_port}\n"
+        no_reuse = f"[127.0.0.1]:{remote_port} may connection_reuse=no\nremote.test may connection_reuse=no\n"
         outbound = {"routes_file": "routes", "default_level": "may"}
         systems: list[System] = [
             Smtproxy("smtproxy reuse=on", cpus=options.sut_cpus, inbound=False, outbound=outbound,
@@ -359,8 +366,8 @@ def outbound_reuse(ctx: Context) -> dict[str, Any]:
         ]
         if options.anchor:
             systems += [
-                PostfixRelay("postfix-relay reuse=on", cpus=options.sut_cpus, remote_port=remote.port, reuse=True),
-                PostfixRelay("postfix-relay reuse=off", cpus=options.sut_cpus, remote_port=remote.port, reuse=False),
+                PostfixRelay("postfix-relay reuse=on", cpus=options.sut_cpus, remote_port=remote_port, reuse=True),
+                PostfixRelay("postfix-relay reuse=off", cpus=options.sut_cpus, remote_port=remote_port, reuse=False),
             ]
         # Postfix logs a handshake made by tlsproxy(8) twice (tlsproxy and smtp): count smtp's
         # line. Postfix says nothing about resumption at smtp_tls_loglevel 1: smtproxy only.
@@ -395,7 +402,7 @@ def outbound_reuse(ctx: Context) -> dict[str, Any]:
                                 "remote_handshakes": counts["handshakes"], **tail.update()}
 
                     row = measured_run(system, spec_for(system, options.duration), delivered, extra=extra,
-                                       peers=(remote,))
+                                       peers=peers)
                     row["rep"] = rep
                     row["handshakes_per_message"] = round(
                         row["remote_handshakes"] / max(row["delivered"], 1), 4)
@@ -405,8 +412,11 @@ def outbound_reuse(ctx: Context) -> dict[str, Any]:
                                 + f" remote conns {row['remote_connections']}")
             maybe_profile(ctx, "outbound-reuse", systems[0], spec_for(systems[0], options.profile_seconds))
     finally:
+        if relay:
+            relay.stop()
         remote.stop()
-    return {"runs": runs, "median": {label: medians(rows) for label, rows in runs.items()}}
+    return {"runs": runs, "median": {label: medians(rows) for label, rows in runs.items()},
+            "remote_rtt_ms": options.remote_rtt_ms}
 
 
 def bulk(ctx: Context) -> dict[str, Any]:

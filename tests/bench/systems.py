@@ -382,6 +382,30 @@ class RemoteMx:
         shutil.rmtree(self.postfix.root, ignore_errors=True)
 
 
+class DelayRelay:
+    """``tests.bench.delay_relay`` in front of the remote MX: ``rtt_ms`` of round-trip time
+    between the outbound systems and the remote (why in user space: see that module)."""
+
+    def __init__(self, upstream_port: int, rtt_ms: float, cpus: set[int] | None) -> None:
+        self.port = free_port()
+        self.upstream_port = upstream_port
+        self.rtt_ms = rtt_ms
+        self.cpus = cpus
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> DelayRelay:
+        self.process = start_bench_module(
+            "delay_relay", [str(self.port), str(self.upstream_port), str(self.rtt_ms)], self.cpus)
+        return self
+
+    def cpu(self) -> float:
+        assert self.process is not None
+        return cpu_seconds(self.process.pid)
+
+    def stop(self) -> None:
+        stop_process(self.process)
+
+
 def master_pid(instance: PostfixInstance) -> int:
     text = (instance.queue_dir / "pid" / "master.pid").read_text()
     return int(text.strip())

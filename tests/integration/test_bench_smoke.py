@@ -2,7 +2,8 @@
 system, each for half a second. This checks what the bench does, never how fast anything
 is: every session succeeds, every accepted message reaches the far side, resumption and
 connection reuse happen. The load generator alone is also run in each of its modes
-(plaintext against smtp-sink; STARTTLS and implicit TLS with resumption against smtproxy).
+(plaintext against smtp-sink; STARTTLS and implicit TLS with resumption against smtproxy),
+and the delay relay that gives the outbound scenario its round trips is checked alone.
 The figures themselves belong in BENCHMARKS.md, not in tests.
 """
 
@@ -11,11 +12,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from tests.integration.peers import free_port
+from tests.bench.systems import DelayRelay
+from tests.integration.peers import RawSmtpClient, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 SCENARIO_SYSTEMS = {
@@ -34,7 +37,7 @@ def bench(tmp_path_factory) -> tuple[dict, str]:
     result = subprocess.run(
         [sys.executable, "-m", "tests.bench", "all", "--reps", "1", "--duration", "0.5", "--warmup", "0.2",
          "--bulk-size", "1m", "--idle-sessions", "200", "--anchor-idle-sessions", "20", "--python-floor",
-         "--baseline", str(REPO), "--json", str(out)],
+         "--baseline", str(REPO), "--remote-rtt", "2", "--json", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=400,
     )
     assert result.returncode == 0, result.stderr[-4000:]
@@ -62,6 +65,7 @@ def test_resumption_and_reuse_happen(bench):
     outbound = results["outbound-reuse"]["median"]
     assert outbound["smtproxy reuse=on"]["handshakes_per_message"] < 0.5
     assert outbound["smtproxy reuse=off"]["handshakes_per_message"] == 1.0
+    assert results["outbound-reuse"]["remote_rtt_ms"] == 2  # through tests.bench.delay_relay
 
 
 @pytest.mark.timeout(450)
@@ -77,8 +81,8 @@ def test_report_has_every_table_and_the_verdicts(bench):
     floor = bench[0]["floor"]
     assert floor["x25519_ops_per_s"] > 0 and floor["ecdsa_p256_sign_per_s"] > 0  # openssl speed ran
     report = bench[1]
-    for heading in ("### Crypto floor", "### Inbound", "### Outbound reuse", "### Bulk", "### Idle", "### Workers",
-                    "### Targets of issue 8"):
+    for heading in ("### Crypto floor", "### Inbound", "### Outbound reuse", "2 ms round trip to the remote, emulated",
+                    "### Bulk", "### Idle", "### Workers", "### Targets of issue 8"):
         assert heading in report, heading
 
 
@@ -117,3 +121,29 @@ def test_load_generator_tls_with_resumption_against_smtproxy(mode, pki, smtp_sin
     assert len(summary["latency_ms"]) == 3
     messages = smtp_sink.messages()
     assert len(messages) == 5 and all(len(message) >= 10 * 1024 for message in messages)
+
+
+def test_delay_relay_adds_its_round_trips_and_passes_every_byte(smtp_sink):
+    """The greeting comes two round trips after connect() (TCP's handshake, then the
+    server's first words), each reply one round trip after its command, and the message
+    arrives whole. Only lower bounds: a slow machine can add time, never take it away."""
+    rtt = 0.2
+    relay = DelayRelay(smtp_sink.port, rtt * 1000, None).start()
+    try:
+        started = time.monotonic()
+        with RawSmtpClient(relay.port) as client:
+            assert client.read_reply().code == 220
+            greeted = time.monotonic()
+            assert client.command("EHLO bench.test").code == 250
+            answered = time.monotonic()
+            assert client.command("MAIL FROM:<a@bench.test>").code == 250
+            assert client.command("RCPT TO:<b@sink.test>").code == 250
+            assert client.command("DATA").code == 354
+            client.send(b"Subject: through the relay\r\n\r\n" + b"x" * 100_000 + b"\r\n.\r\n")
+            assert client.read_reply().code == 250
+        assert greeted - started >= 2 * rtt
+        assert answered - greeted >= rtt
+        [message] = smtp_sink.messages()
+        assert b"through the relay" in message and message.count(b"x") >= 100_000
+    finally:
+        relay.stop()
