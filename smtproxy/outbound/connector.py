@@ -59,6 +59,7 @@ class RemoteSession:
     reused: bool = False
     opened: float = dataclasses.field(default_factory=time.monotonic)
     cache_key: tuple | None = None  # set by the connection pool while the session is out
+    reset_sent: bool = False  # RSET went out pipelined after the final dot; its reply is unread
     client_certificate: ClientCertificate | None = None  # offered at STARTTLS; part of every cache key
 
     @property

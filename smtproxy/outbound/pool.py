@@ -1,6 +1,7 @@
 """The outbound connection cache: one TCP+TLS connection carries a burst of messages.
 
-After a transaction the connection gets RSET and waits, idle, for the next transaction to
+After a transaction the connection gets RSET (sent with the final dot when the remote
+offers PIPELINING: `RemoteSession.reset_sent`) and waits, idle, for the next transaction to
 the same nexthop (and, in transparent mode, the same address the MTA chose) under the
 identical policy (DESIGN.md invariant 5) — from any legacy-MTA
 connection.  Limits follow Postfix's smtp connection cache: idle time in the cache, age
@@ -124,7 +125,11 @@ class ConnectionPool:
 
     async def _reset_and_park(self, remote: RemoteSession, key: tuple) -> None:
         try:
-            reply = await remote.connection.command("RSET", self.limits.reply_timeout)
+            if remote.reset_sent:
+                remote.reset_sent = False
+                reply = await remote.connection.read_reply(self.limits.reply_timeout, "waiting for reply to RSET")
+            else:
+                reply = await remote.connection.command("RSET", self.limits.reply_timeout)
         except UpstreamError:
             remote.connection.abort()
             return

@@ -11,7 +11,9 @@ When the remote offers PIPELINING (RFC 2920), MAIL goes out together with the RC
 handled and whatever the MTA pipelined right after it: further RCPTs for the same domain
 and a DATA that ends the group.  Their replies are read as the MTA's commands come up in
 order, so each reply still answers its own command; a transaction then costs two round
-trips to the remote (envelope, then the message) instead of one per command.
+trips to the remote (envelope, then the message) instead of one per command, and the
+RSET that readies a reusable connection for the next transaction follows the final dot
+in the same group.
 """
 
 from __future__ import annotations
@@ -358,6 +360,9 @@ class OutboundSession:
         lost: UpstreamError | None = None
         error: DataError | None = None
         data = self.lines.take_buffer()
+        # the RSET that readies the connection for reuse rides with the final dot, in the same
+        # write: sent after it, it would wait for the remote's ACK of the dot's reply (Nagle)
+        reset = b"RSET\r\n" if remote.policy.connection_reuse and remote.ehlo.has("PIPELINING") else b""
         try:
             while True:
                 scan = scanner.feed(data) if data else None
@@ -367,7 +372,8 @@ class OutboundSession:
                         remote.connection.abort()  # without the final dot: nothing is delivered
                     if error is None and lost is None and scan.forward:
                         try:
-                            remote.connection.send(scan.forward)
+                            remote.connection.send(scan.forward + reset if scan.done else scan.forward)
+                            remote.reset_sent = scan.done and bool(reset)
                             await remote.connection.drain()
                         except UpstreamError as exc:
                             lost = exc

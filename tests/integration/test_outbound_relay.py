@@ -558,8 +558,9 @@ def pipelined_to_scripted_remote(script, domain: str, scripted_remote, start_out
 
 def test_the_envelope_reaches_a_pipelining_remote_in_one_group(scripted_remote, start_outbound):
     """The remote offers PIPELINING: MAIL, both RCPTs and DATA reach it before it has
-    answered anything (what arrived in one read is what no real MTA can show us), and each
-    of its replies answers the MTA's own command, in order."""
+    answered anything (what arrived in one read is what no real MTA can show us), each of
+    its replies answers the MTA's own command, in order, and the RSET that readies the
+    connection for reuse comes with the final dot."""
 
     def script(c: Conversation) -> None:
         c.send(b"220 mx.pipe.test ESMTP\r\n")
@@ -571,6 +572,7 @@ def test_the_envelope_reaches_a_pipelining_remote_in_one_group(scripted_remote, 
         c.buffer = b""
         c.send(b"250 2.1.0 sender ok\r\n250 2.1.5 one ok\r\n550 5.1.1 two unknown\r\n354 go ahead\r\n")
         c.notes["message"] = c.data()
+        c.notes["with the dot"] = c.buffer
         c.send(b"250 2.0.0 queued as PIPE1\r\n")
         c.goodbye()
 
@@ -579,6 +581,7 @@ def test_the_envelope_reaches_a_pipelining_remote_in_one_group(scripted_remote, 
         "250 2.1.0 Ok", "250 2.1.5 one ok", "550 5.1.1 two unknown", "354 go ahead", "250 2.0.0 queued as PIPE1"]
     assert notes["group"] == [
         f"MAIL FROM:<{SENDER}>".encode(), b"RCPT TO:<one@pipe.test>", b"RCPT TO:<two@pipe.test>", b"DATA"]
+    assert notes["with the dot"] == b"RSET\r\n"  # readies the connection for reuse, no extra round trip
 
 
 def test_a_remote_without_pipelining_gets_one_command_per_reply(scripted_remote, start_outbound):
@@ -597,12 +600,14 @@ def test_a_remote_without_pipelining_gets_one_command_per_reply(scripted_remote,
             c.send(reply)
         c.notes["arrived alone"] = arrived_alone
         c.notes["message"] = c.data()
+        c.notes["with the dot"] = c.buffer
         c.send(b"250 2.0.0 queued as STEP1\r\n")
         c.goodbye()
 
     replies, notes = pipelined_to_scripted_remote(script, "lockstep.test", scripted_remote, start_outbound)
     assert [r.code for r in replies] == [250, 250, 250, 354, 250], [str(r) for r in replies]
     assert notes["arrived alone"] == [True, True, True, True]
+    assert notes["with the dot"] == b""  # RSET comes after the final reply
 
 
 @pytest.mark.parametrize("pipelining", [True, False], ids=["pipelining", "no-pipelining"])
