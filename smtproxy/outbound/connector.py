@@ -20,6 +20,7 @@ from smtproxy.outbound.upstream import UpstreamConnection, UpstreamError
 from smtproxy.policy.levels import Level, Policy, PolicyDecision
 from smtproxy.routing.router import Destination, Target
 from smtproxy.smtp import EhloReply, Reply
+from smtproxy.tls import openssl_ext
 from smtproxy.tls.client_context import ClientCertificate, ClientTls
 from smtproxy.tls.engine import TlsHandshakeError
 from smtproxy.tls.facts import build_facts
@@ -113,10 +114,10 @@ class Connector:
         after a transaction, when TLS 1.3 tickets have arrived)."""
         engine = remote.connection.engine
         if remote.transactions > 1:
-            return  # kept after the first transaction already (SSLObject.session costs a copy)
+            return  # kept after the first transaction already
         if engine is not None and engine.handshake_done and remote.facts is not None and remote.facts.ok:
             self.sessions.put(_session_key(remote.target, remote.policy, remote.client_certificate),
-                              engine.ssl_object.session)
+                              openssl_ext.session_of(engine.ssl_object))
 
     async def connect(self, domain: str, destination: Destination, decision: PolicyDecision,
                       certificate: ClientCertificate | None = None) -> RemoteSession:

@@ -117,7 +117,7 @@ class _ClientEngine(TlsEngine):
         context: ssl.SSLContext,
         chain_verdicts: ChainVerdicts,
         server_hostname: str | None,
-        session: ssl.SSLSession | None,
+        session: openssl_ext.Session | None,
     ) -> None:
         super().__init__(context, server_side=False, server_hostname=server_hostname, session=session)
         self._chain_verdicts = chain_verdicts
@@ -248,7 +248,7 @@ class ClientTls:
         return self._profile(policy, certificate)[0]
 
     def new_engine(
-        self, policy: Policy, server_hostname: str | None, session: ssl.SSLSession | None = None,
+        self, policy: Policy, server_hostname: str | None, session: openssl_ext.Session | None = None,
         certificate: ClientCertificate | None = None,
     ) -> TlsEngine:
         """A client engine; `server_hostname` is only the SNI (never checked by OpenSSL).

@@ -10,7 +10,7 @@ from __future__ import annotations
 import _ssl
 import ssl
 
-from smtproxy.tls.openssl_ext import VerifyRecorder, recording, stop_message_callback
+from smtproxy.tls.openssl_ext import Session, VerifyRecorder, offer_session, recording, stop_message_callback
 
 if not hasattr(ssl.SSLContext, "_msg_callback"):  # pragma: no cover - CPython 3.8+ has it
     raise ImportError("this Python's ssl module has no SSLContext._msg_callback")
@@ -65,13 +65,15 @@ class TlsEngine:
         *,
         server_side: bool,
         server_hostname: str | None = None,
-        session: ssl.SSLSession | None = None,
+        session: Session | None = None,
     ) -> None:
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
         self.ssl_object = context.wrap_bio(
-            self._incoming, self._outgoing, server_side=server_side, server_hostname=server_hostname, session=session
+            self._incoming, self._outgoing, server_side=server_side, server_hostname=server_hostname
         )
+        if session is not None:
+            offer_session(self.ssl_object, session)
         self.server_side = server_side
         self.handshake_messages: list[tuple[str, bytes]] = []
         self.ssl_object.handshake_trace = self.handshake_messages

@@ -35,32 +35,37 @@ _SSL_SESS_CACHE_OFF = 0
 _VERIFY_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_void_p)
 
 
+_P = ctypes.c_void_p
+# name -> (return type, argument types) of each libssl/libcrypto function used here
+_SIGNATURES = {
+    "SSL_CTX_get_options": (ctypes.c_uint64, [_P]),
+    "SSL_CTX_ctrl": (ctypes.c_long, [_P, ctypes.c_int, ctypes.c_long, _P]),
+    "SSL_CTX_set_timeout": (ctypes.c_long, [_P, ctypes.c_long]),
+    "SSL_CTX_set_verify": (None, [_P, ctypes.c_int, _VERIFY_CALLBACK]),
+    "SSL_CTX_set_verify_depth": (None, [_P, ctypes.c_int]),
+    "X509_STORE_CTX_get_error": (ctypes.c_int, [_P]),
+    "X509_STORE_CTX_get_error_depth": (ctypes.c_int, [_P]),
+    "X509_verify_cert_error_string": (ctypes.c_char_p, [ctypes.c_long]),
+    "SSL_get_SSL_CTX": (_P, [_P]),
+    "SSL_set_msg_callback": (None, [_P, _P]),
+    "SSL_get1_session": (_P, [_P]),
+    "SSL_set_session": (ctypes.c_int, [_P, _P]),
+    "SSL_SESSION_free": (None, [_P]),
+    "SSL_SESSION_get_timeout": (ctypes.c_long, [_P]),
+    "SSL_SESSION_has_ticket": (ctypes.c_int, [_P]),
+    "SSL_SESSION_get_id": (_P, [_P, ctypes.POINTER(ctypes.c_uint)]),
+}
+
+
 def _load() -> ctypes.CDLL:
     name = ctypes.util.find_library("ssl") or "libssl.so.3"
     lib = ctypes.CDLL(name)
     lib.OpenSSL_version_num.restype = ctypes.c_ulong
     if lib.OpenSSL_version_num() != ssl.OPENSSL_VERSION_NUMBER:
         raise RuntimeError(f"{name} is not the OpenSSL the ssl module uses ({ssl.OPENSSL_VERSION})")
-    lib.SSL_CTX_get_options.restype = ctypes.c_uint64
-    lib.SSL_CTX_get_options.argtypes = [ctypes.c_void_p]
-    lib.SSL_CTX_ctrl.restype = ctypes.c_long
-    lib.SSL_CTX_ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
-    lib.SSL_CTX_set_timeout.restype = ctypes.c_long
-    lib.SSL_CTX_set_timeout.argtypes = [ctypes.c_void_p, ctypes.c_long]
-    lib.SSL_CTX_set_verify.restype = None
-    lib.SSL_CTX_set_verify_depth.restype = None
-    lib.SSL_CTX_set_verify_depth.argtypes = [ctypes.c_void_p, ctypes.c_int]
-    lib.SSL_CTX_set_verify.argtypes = [ctypes.c_void_p, ctypes.c_int, _VERIFY_CALLBACK]
-    lib.X509_STORE_CTX_get_error.restype = ctypes.c_int
-    lib.X509_STORE_CTX_get_error.argtypes = [ctypes.c_void_p]
-    lib.X509_STORE_CTX_get_error_depth.restype = ctypes.c_int
-    lib.X509_STORE_CTX_get_error_depth.argtypes = [ctypes.c_void_p]
-    lib.X509_verify_cert_error_string.restype = ctypes.c_char_p
-    lib.X509_verify_cert_error_string.argtypes = [ctypes.c_long]
-    lib.SSL_get_SSL_CTX.restype = ctypes.c_void_p
-    lib.SSL_get_SSL_CTX.argtypes = [ctypes.c_void_p]
-    lib.SSL_set_msg_callback.restype = None
-    lib.SSL_set_msg_callback.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+    for function, (restype, argtypes) in _SIGNATURES.items():
+        getattr(lib, function).restype = restype
+        getattr(lib, function).argtypes = argtypes
     return lib
 
 
@@ -102,6 +107,58 @@ def stop_message_callback(ssl_object: ssl.SSLObject) -> None:
         _ssl_layout_known = False
         return
     _lib.SSL_set_msg_callback(pointer, None)
+
+
+class HeldSession:
+    """A client `SSL_SESSION` held by reference, with `ssl.SSLSession`'s `timeout`,
+    `has_ticket` and `id`.
+
+    CPython 3.11 copies a session through DER (i2d, then d2i, which parses the server's
+    certificate and key again) each time `SSLObject.session` is read and each time a
+    session is handed to `wrap_bio`: a fifth of the CPU of a new outbound connection
+    (py-spy, OpenSSL 3).  OpenSSL 3 sessions can be shared by reference; the context
+    they came from is kept, so one is never offered to another (CPython's own check).
+    """
+
+    __slots__ = ("_pointer", "context", "timeout", "has_ticket", "id")
+    _free = _lib.SSL_SESSION_free  # still there when the module is torn down at exit
+
+    def __init__(self, pointer: int, context: ssl.SSLContext) -> None:
+        self._pointer = pointer
+        self.context = context
+        self.timeout = _lib.SSL_SESSION_get_timeout(pointer)
+        self.has_ticket = bool(_lib.SSL_SESSION_has_ticket(pointer))
+        length = ctypes.c_uint()
+        self.id = ctypes.string_at(_lib.SSL_SESSION_get_id(pointer, ctypes.byref(length)), length.value)
+
+    def __del__(self) -> None:
+        self._free(self._pointer)
+
+
+Session = HeldSession | ssl.SSLSession
+
+
+def session_of(ssl_object: ssl.SSLObject) -> Session | None:
+    """The TLS session of a client connection, to offer again later: held by reference
+    where this Python's object layout is known, else CPython's copy."""
+    if _ssl_layout_known:
+        try:
+            pointer = _ssl_pointer(ssl_object)
+        except RuntimeError:
+            return ssl_object.session
+        session = _lib.SSL_get1_session(pointer)
+        return HeldSession(session, ssl_object.context) if session else None
+    return ssl_object.session
+
+
+def offer_session(ssl_object: ssl.SSLObject, session: Session) -> None:
+    """Offer `session` for resumption on a client connection before its handshake."""
+    if not isinstance(session, HeldSession):
+        ssl_object.session = session
+        return
+    if session.context is not ssl_object.context:
+        raise ValueError("Session refers to a different SSLContext.")
+    _check(_lib.SSL_set_session(_ssl_pointer(ssl_object), session._pointer), "SSL_set_session")
 
 
 def _check(result: int, what: str) -> None:

@@ -9,21 +9,22 @@ invariant 5).  Only sessions from handshakes that passed their level's checks ar
 from __future__ import annotations
 
 import collections
-import ssl
 import time
 from collections.abc import Hashable
+
+from smtproxy.tls.openssl_ext import Session
 
 
 class SessionCache:
     def __init__(self, timeout: float, max_entries: int = 10000) -> None:
         self.timeout = timeout
         self.max_entries = max_entries
-        self._entries: collections.OrderedDict[Hashable, tuple[float, ssl.SSLSession]] = collections.OrderedDict()
+        self._entries: collections.OrderedDict[Hashable, tuple[float, Session]] = collections.OrderedDict()
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, key: Hashable) -> ssl.SSLSession | None:
+    def get(self, key: Hashable) -> Session | None:
         entry = self._entries.get(key)
         if entry is None:
             return None
@@ -33,7 +34,7 @@ class SessionCache:
             return None
         return session
 
-    def put(self, key: Hashable, session: ssl.SSLSession | None) -> None:
+    def put(self, key: Hashable, session: Session | None) -> None:
         """Keep a session that can be offered again (a ticket, or a TLS 1.2 session ID)."""
         if self.timeout <= 0 or session is None:
             return

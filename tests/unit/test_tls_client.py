@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import ssl
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from smtproxy.config import OutboundTlsConfig
 from smtproxy.policy.levels import Level, Policy
 from smtproxy.tls.client_context import UNKNOWN_RESUMED_CHAIN, ChainVerdicts, ClientCertificate, ClientTls
 from smtproxy.tls.engine import TlsEngine, TlsHandshakeError
+from smtproxy.tls import openssl_ext
 from smtproxy.tls.openssl_ext import VerifyVerdict
 
 MX = "mx.example.com"
@@ -208,6 +210,42 @@ def test_a_session_never_crosses_tls_settings(client: ClientTls, ca: trustme.CA)
     handshake(first, server_context(ca.issue_cert(MX)))
     with pytest.raises(ValueError, match="different SSLContext"):
         client.new_engine(TLS12, MX, session=first.ssl_object.session)
+
+
+def test_a_session_held_by_reference_resumes_even_after_it_is_dropped(client: ClientTls, ca: trustme.CA) -> None:
+    """`session_of` holds OpenSSL's session by reference (no DER copy on CPython 3.11);
+    the connection it is offered to keeps its own reference."""
+    server = server_context(ca.issue_cert(MX))
+    first = client.new_engine(MAY, MX)
+    handshake(first, server)
+    session = openssl_ext.session_of(first.ssl_object)
+    assert isinstance(session, openssl_ext.HeldSession)
+    assert session.has_ticket and session.timeout > 0
+    second = client.new_engine(MAY, MX, session=session)
+    del session
+    gc.collect()
+    handshake(second, server)
+    assert second.ssl_object.session_reused
+
+
+def test_a_held_session_never_crosses_tls_settings(client: ClientTls, ca: trustme.CA) -> None:
+    first = client.new_engine(MAY, MX)
+    handshake(first, server_context(ca.issue_cert(MX)))
+    with pytest.raises(ValueError, match="different SSLContext"):
+        client.new_engine(TLS12, MX, session=openssl_ext.session_of(first.ssl_object))
+
+
+def test_where_the_layout_is_unknown_sessions_are_cpythons_copies(client: ClientTls, ca: trustme.CA,
+                                                                   monkeypatch) -> None:
+    monkeypatch.setattr(openssl_ext, "_ssl_layout_known", False)
+    server = server_context(ca.issue_cert(MX))
+    first = client.new_engine(MAY, MX)
+    handshake(first, server)
+    session = openssl_ext.session_of(first.ssl_object)
+    assert isinstance(session, ssl.SSLSession)
+    second = client.new_engine(MAY, MX, session=session)
+    handshake(second, server)
+    assert second.ssl_object.session_reused
 
 
 def test_chain_verdicts_forget_the_oldest_certificate() -> None:

@@ -197,19 +197,24 @@ def test_session_cache_key_includes_the_certificate(ids):
     assert _session_key(TARGET, MAY, ids.alpha) == _session_key(TARGET, MAY, dataclasses.replace(ids.alpha))
 
 
-def test_remember_session_stores_under_the_certificate_of_the_connection(ids):
+def test_remember_session_stores_under_the_certificate_of_the_connection(ids, ca, tmp_path):
     from smtproxy.outbound.connector import Connector
     from smtproxy.tls.session_cache import SessionCache
 
-    session = types.SimpleNamespace(has_ticket=True, id=b"x", timeout=3600)
-    engine = types.SimpleNamespace(handshake_done=True, ssl_object=types.SimpleNamespace(session=session))
+    client, server = client_tls(ids, tmp_path), server_context(ca)
+    engine = client.new_engine(MAY, MX, certificate=ids.alpha)
+    handshake(engine, server)
     remote = RemoteSession(types.SimpleNamespace(engine=engine), TARGET, "example.com", MAY, EhloReply("x"),
                            types.SimpleNamespace(ok=True), client_certificate=ids.alpha)
     connector = Connector(None, None, EventBus(), SessionCache(3600))  # type: ignore[arg-type]
     connector.remember_session(remote)
-    assert connector.sessions.get(_session_key(TARGET, MAY, ids.alpha)) is session
+    session = connector.sessions.get(_session_key(TARGET, MAY, ids.alpha))
+    assert session is not None and session.has_ticket
     assert connector.sessions.get(_session_key(TARGET, MAY, ids.beta)) is None
     assert connector.sessions.get(_session_key(TARGET, MAY, None)) is None
+    resumed = client.new_engine(MAY, MX, session=session, certificate=ids.alpha)
+    handshake(resumed, server)
+    assert resumed.ssl_object.session_reused
 
 
 # ------------------------------------------------------------------------------ the connection cache
