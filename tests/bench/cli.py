@@ -96,7 +96,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet-threshold", type=float, default=0.3, metavar="CPUS")
     p.add_argument("--no-anchor", action="store_true", help="smtproxy only (no Postfix relay)")
     p.add_argument("--baseline", type=Path, default=None, metavar="SOURCE_DIR",
-                   help="inbound, outbound-reuse (reuse on) and bulk: also run smtproxy from this source tree (a git worktree of an "
+                   help="inbound, outbound-reuse and bulk: also run smtproxy from this source tree (a git worktree of an "
                         "older commit) as 'smtproxy-baseline', side by side: a change's before/after in one run")
     p.add_argument("--python-floor", action="store_true",
                    help="inbound (STARTTLS): also run tests.bench.minimal_proxy, the least a Python proxy does "

@@ -356,13 +356,15 @@ def outbound_reuse(ctx: Context) -> dict[str, Any]:
         routes = f"remote.test [127.0.0.1]:{remote_port}\n"
         no_reuse = f"[127.0.0.1]:{remote_port} may connection_reuse=no\nremote.test may connection_reuse=no\n"
         outbound = {"routes_file": "routes", "default_level": "may"}
+        outbound_off = {**outbound, "policy_file": "policy"}
         systems: list[System] = [
             Smtproxy("smtproxy reuse=on", cpus=options.sut_cpus, inbound=False, outbound=outbound,
                      files={"routes": routes}),
             *baseline(ctx, "smtproxy-baseline reuse=on", inbound=False, outbound=outbound, files={"routes": routes}),
-            Smtproxy("smtproxy reuse=off", cpus=options.sut_cpus, inbound=False,
-                     outbound={**outbound, "policy_file": "policy"},
+            Smtproxy("smtproxy reuse=off", cpus=options.sut_cpus, inbound=False, outbound=outbound_off,
                      files={"routes": routes, "policy": no_reuse}),
+            *baseline(ctx, "smtproxy-baseline reuse=off", inbound=False, outbound=outbound_off,
+                      files={"routes": routes, "policy": no_reuse}),
         ]
         if options.anchor:
             systems += [

@@ -25,6 +25,7 @@ SCENARIO_SYSTEMS = {
     "inbound-new": {"smtproxy", "smtproxy-baseline", "python-floor", "postfix-relay"},
     "inbound-resumed": {"smtproxy", "smtproxy-baseline", "python-floor", "postfix-relay"},
     "outbound-reuse": {"smtproxy reuse=on", "smtproxy-baseline reuse=on", "smtproxy reuse=off",
+                       "smtproxy-baseline reuse=off",
                        "postfix-relay reuse=on", "postfix-relay reuse=off"},
     "bulk": {"smtproxy", "smtproxy-baseline", "postfix-relay"},
     "workers": {"smtproxy --workers 1", "smtproxy --workers 2"},
