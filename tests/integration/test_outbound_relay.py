@@ -634,6 +634,23 @@ def test_pipelined_transaction_to_postfix_with_one_recipient_refused(postfix_fac
     assert "rcpt=2/3 data=1" in session.group(0), session.group(0)
 
 
+def test_a_refused_mail_answers_every_pipelined_rcpt_and_the_session_goes_on(smtp_sink_factory, start_outbound):
+    """smtp-sink refuses MAIL; the MTA pipelined two RCPTs and DATA. Each RCPT gets the
+    refusal of MAIL (not the remote's replies to the RCPTs sent ahead, which are read and
+    dropped), DATA a local 503, and a second transaction in the same session fares the same."""
+    refusal = "553 5.1.8 <sender@example.test>: Sender address rejected: domain not found"
+    sink = smtp_sink_factory(hard_reject=["MAIL"], hard_reply=refusal)
+    proxy = start_outbound({"sink.test": f"[127.0.0.1]:{sink.port}"}, default_level="may")
+    with open_session(proxy) as mta:
+        for _ in range(2):
+            replies = pipelined_transaction(mta, ["one@sink.test", "two@sink.test"], token())
+            assert [str(r) for r in replies[:3]] == ["250 2.1.0 Ok", refusal, refusal]
+            assert replies[3].code == 503, replies[3]
+            assert mta.command("RSET").code == 250
+        assert mta.command("QUIT").code == 221
+    assert not sink.messages()
+
+
 def test_data_sent_ahead_after_every_rcpt_was_refused_delivers_nothing(smtp_sink_factory, start_outbound):
     """smtp-sink refuses the only RCPT but answers the DATA sent ahead with 354 (a real
     server would refuse it). The MTA gets the RCPT's 550 and a local 503 for DATA; the
