@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import functools
 import hashlib
 import os
 from pathlib import Path
@@ -39,6 +40,17 @@ def _common_name(name: x509.Name) -> str | None:
     return str(values[0].value) if values else None
 
 
+# A remote MX (or a client with a certificate) presents the same certificate on every
+# connection: parse each one once, not on every handshake (~0.15 ms each with OpenSSL 3).
+_PARSED_CERTIFICATES = 256
+
+
+@functools.lru_cache(maxsize=_PARSED_CERTIFICATES)
+def peer_key_detail(der: bytes) -> tuple[str, str | None]:
+    return key_detail(x509.load_der_x509_certificate(der).public_key())
+
+
+@functools.lru_cache(maxsize=_PARSED_CERTIFICATES)
 def peer_certificate(der: bytes) -> PeerCertificate:
     cert = x509.load_der_x509_certificate(der)
     spki = cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from cryptography import x509
-
 from smtproxy.events import Direction, HandshakeFacts, PeerCertificate, PeerTrust
-from smtproxy.tls.certificates import key_detail
+from smtproxy.tls.certificates import peer_key_detail
 from smtproxy.tls.engine import TlsEngine
 from smtproxy.tls.trace import SIGNATURE_SCHEMES, observe
 
@@ -20,7 +18,7 @@ LocalKeyDetail = Callable[[str], str | None]
 
 def _peer_key(engine: TlsEngine) -> tuple[str, str | None] | None:
     der = engine.ssl_object.getpeercert(binary_form=True)
-    return key_detail(x509.load_der_x509_certificate(der).public_key()) if der else None
+    return peer_key_detail(der) if der else None
 
 
 def _signature(
