@@ -24,6 +24,11 @@ class UpstreamError(Exception):
         self.reason = reason
 
 
+def _expire(waiter: asyncio.Future[None], what: str) -> None:
+    if not waiter.done():
+        waiter.set_exception(UpstreamError(f"timeout {what}"))
+
+
 class UpstreamConnection(asyncio.Protocol):
     """Use `await UpstreamConnection.open(...)`; then `command`, `send`, `read_reply`."""
 
@@ -93,13 +98,14 @@ class UpstreamConnection(asyncio.Protocol):
             self._waiter.set_result(None)
 
     async def _wait(self, deadline: float, what: str) -> None:
-        self._waiter = self._loop.create_future()
+        """Until data or a close arrives, or the deadline passes (one timer on the loop:
+        `asyncio.timeout` would look the running loop up three times, a getpid() each)."""
+        waiter = self._waiter = self._loop.create_future()
+        timer = self._loop.call_later(max(0.0, deadline - time.monotonic()), _expire, waiter, what)
         try:
-            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
-                await self._waiter
-        except asyncio.TimeoutError:
-            raise UpstreamError(f"timeout {what}") from None
+            await waiter
         finally:
+            timer.cancel()
             self._waiter = None
 
     # ----------------------------------------------------------------- API

@@ -376,6 +376,35 @@ def test_remote_closing_mid_data_gives_the_mta_a_4xx(scripted_remote, start_outb
     assert relayed["result"] == "deferred", relayed
 
 
+def test_a_remote_that_stops_answering_gives_the_mta_a_4xx_after_the_reply_timeout(
+        scripted_remote, start_outbound):
+    """The remote greets and answers EHLO, then keeps silent after MAIL: when
+    `reply_timeout` has passed, the MTA gets a 4xx naming the timeout, and the proxy
+    drops the connection (the script sees it closed)."""
+
+    def script(c: Conversation) -> None:
+        c.send(b"220 mx.silent.test ESMTP\r\n")
+        c.expect(b"EHLO ")
+        c.send(b"250-mx.silent.test\r\n250 PIPELINING\r\n")
+        c.expect(b"MAIL FROM:")
+        with pytest.raises(EOFError):
+            while True:
+                c.fill()
+        c.notes["dropped"] = True
+
+    remote = scripted_remote(script)
+    proxy = start_outbound({"silent.test": f"[127.0.0.1]:{remote.port}"}, default_level="may", reply_timeout=1)
+    with open_session(proxy) as mta:
+        assert mta.command(f"MAIL FROM:<{SENDER}>").code == 250
+        started = time.monotonic()
+        rcpt = mta.command("RCPT TO:<user@silent.test>")
+        waited = time.monotonic() - started
+    remote.join()
+    assert rcpt.code == 451 and "timeout waiting for reply to MAIL" in rcpt.text, rcpt
+    assert waited >= 1.0
+    assert remote.notes["dropped"]
+
+
 def test_smtp_sink_dropping_at_the_final_dot_gives_the_mta_a_4xx(smtp_sink_factory, start_outbound):
     """smtp-sink takes the whole message, dot included, and disconnects without a reply."""
     sink = smtp_sink_factory(disconnect_after=["."])
