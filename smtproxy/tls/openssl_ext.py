@@ -12,6 +12,9 @@ server can take self-signed client certificates whose fingerprint is listed) but
 OpenSSL's own verdict for the handshake in progress.  Handshakes run synchronously inside
 `do_handshake()` on the event-loop thread, so the engine marks itself as the current
 handshake around that call (`recording`), and the callback attributes verdicts to it.
+
+Client sessions for resumption are held by reference (`HeldSession`) on that same `SSL *`,
+instead of the DER copies CPython makes of every session read or offered.
 """
 
 from __future__ import annotations

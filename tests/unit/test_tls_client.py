@@ -212,6 +212,7 @@ def test_a_session_never_crosses_tls_settings(client: ClientTls, ca: trustme.CA)
         client.new_engine(TLS12, MX, session=first.ssl_object.session)
 
 
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")  # a failing __del__
 def test_a_session_held_by_reference_resumes_even_after_it_is_dropped(client: ClientTls, ca: trustme.CA) -> None:
     """`session_of` holds OpenSSL's session by reference (no DER copy on CPython 3.11);
     the connection it is offered to keeps its own reference."""
