@@ -120,6 +120,7 @@ class OutboundSession:
         self.smtp = ServerSession(SessionPolicy(tls_offered=False, tls_required=False, auth_only_after_tls=False,
                                                 max_message_size=settings.max_message_size, chunking=False))
         self.lines = LineReader(COMMAND_LINE_LIMIT)
+        self._replies: list[bytes] = []  # answered, not yet written: see _flush
         self.messages = 0
         self.message_bytes = 0
         self._reset_transaction()
@@ -136,6 +137,9 @@ class OutboundSession:
     # ----------------------------------------------------------------- I/O helpers
 
     async def _read(self) -> bytes:
+        if self._replies:
+            self._flush()
+            await self.writer.drain()
         try:
             async with asyncio.timeout(self.settings.idle_timeout):  # wait_for would make a task per read
                 data = await self.reader.read(READ_SIZE)
@@ -149,8 +153,15 @@ class OutboundSession:
         return data
 
     def _write(self, reply: Reply) -> None:
-        if not self.writer.is_closing():
-            self.writer.write(reply.serialize())
+        self._replies.append(reply.serialize())
+
+    def _flush(self) -> None:
+        """Write the replies so far in one go. Called before waiting for the MTA (as
+        Postfix's smtpd does): replies to a pipelined group leave together, and an MTA that
+        waits for a reply always has it before smtproxy waits for its next command."""
+        if self._replies and not self.writer.is_closing():
+            self.writer.write(b"".join(self._replies))
+        self._replies.clear()
 
     async def _next_command_line(self) -> bytes | object:
         while True:
@@ -188,10 +199,10 @@ class OutboundSession:
                 self._write(reply)
                 if command.verb == "QUIT":
                     break
-                await self.writer.drain()
         except MtaGone as exc:
             self.log.info("legacy MTA connection ended", reason=str(exc))
         finally:
+            self._flush()
             self._abandon_remote()
 
     async def _handle(self, command: Command) -> Reply:

@@ -613,6 +613,20 @@ def test_the_envelope_reaches_a_pipelining_remote_in_one_group(scripted_remote, 
     assert notes["with the dot"] == b"RSET\r\n"  # readies the connection for reuse, no extra round trip
 
 
+def test_replies_to_a_pipelined_group_reach_the_mta_in_one_segment(smtp_sink, start_outbound):
+    """As Postfix's smtpd does, the replies to MAIL, RCPT and DATA are written together,
+    when smtproxy would next wait for the MTA: the local 250 for MAIL does not leave
+    alone before the remote has answered the RCPT."""
+    proxy = start_outbound({"sink.test": f"[127.0.0.1]:{smtp_sink.port}"}, default_level="may")
+    with open_session(proxy) as mta:
+        mta.send(f"MAIL FROM:<{SENDER}>\r\nRCPT TO:<user@sink.test>\r\nDATA\r\n".encode())
+        first_read = mta.sock.recv(65536)
+        assert [line[:3] for line in first_read.split(b"\r\n")[:-1]] == [b"250", b"250", b"354"], first_read
+        mta.send(message(token()) + b".\r\n")
+        assert mta.read_reply().code == 250
+        assert mta.command("QUIT").code == 221
+
+
 def test_a_remote_without_pipelining_gets_one_command_per_reply(scripted_remote, start_outbound):
     """The same pipelined MTA transaction to a remote that does not offer PIPELINING:
     each command reaches it alone, after its reply to the one before."""
