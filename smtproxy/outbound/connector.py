@@ -56,6 +56,7 @@ class RemoteSession:
     policy: Policy
     ehlo: EhloReply
     facts: HandshakeFacts | None
+    reuse_facts: HandshakeFacts | None = None  # `facts` as logged when the connection is reused
     transactions: int = 0
     reused: bool = False
     opened: float = dataclasses.field(default_factory=time.monotonic)

@@ -98,8 +98,9 @@ class ConnectionPool:
 
     def _log_reuse(self, remote: RemoteSession) -> None:
         if remote.facts is not None:
-            facts = dataclasses.replace(remote.facts, reused=True, resumed=False, duration=0.0)
-            self.bus.publish(facts)
+            if remote.reuse_facts is None:  # the same for every reuse of this connection
+                remote.reuse_facts = dataclasses.replace(remote.facts, reused=True, resumed=False, duration=0.0)
+            self.bus.publish(remote.reuse_facts)
             return
         log.info(f"connection reused to {remote.peer}", tls=False)
 
