@@ -627,6 +627,26 @@ def test_replies_to_a_pipelined_group_reach_the_mta_in_one_segment(smtp_sink, st
         assert mta.command("QUIT").code == 221
 
 
+def test_a_transaction_pipelined_after_the_final_dot_is_relayed_too(smtp_sink, start_outbound):
+    """The MTA sends the next transaction right behind the final dot, without waiting for
+    the final reply (RFC 2920 allows commands after the end of data): both messages arrive,
+    and each final reply is the remote's own."""
+    proxy = start_outbound({"sink.test": f"[127.0.0.1]:{smtp_sink.port}"}, default_level="may")
+    first, second = token(), token()
+    envelope = f"MAIL FROM:<{SENDER}>\r\nRCPT TO:<user@sink.test>\r\nDATA\r\n".encode()
+    with open_session(proxy) as mta:
+        mta.send(envelope)
+        assert [mta.read_reply().code for _ in range(3)] == [250, 250, 354]
+        mta.send(message(first) + b".\r\n" + envelope)
+        replies = [mta.read_reply() for _ in range(4)]
+        assert [r.code for r in replies] == [250, 250, 250, 354], [str(r) for r in replies]
+        mta.send(message(second) + b".\r\nQUIT\r\n")
+        assert [mta.read_reply().code for _ in range(2)] == [250, 221]
+    stored = smtp_sink.wait_for_messages(2)
+    assert len(stored) == 2
+    assert any(first.encode() in m for m in stored) and any(second.encode() in m for m in stored)
+
+
 def test_a_remote_without_pipelining_gets_one_command_per_reply(scripted_remote, start_outbound):
     """The same pipelined MTA transaction to a remote that does not offer PIPELINING:
     each command reaches it alone, after its reply to the one before."""
