@@ -538,6 +538,18 @@ class InboundTlsConfig:
                               f"none, ask (require needs {key}.client_ca_file or {key}.client_fingerprints)")
 
 
+def client_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """A client address as matched against configured networks: without a zone index,
+    IPv4-mapped IPv6 (::ffff:192.0.2.7) as IPv4; None if it does not parse."""
+    try:
+        address = ipaddress.ip_address(text.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
 @dataclasses.dataclass(frozen=True)
 class InboundConfig:
     """`[inbound]`: internet -> smtproxy (TLS terminated here) -> the legacy MTA."""
@@ -572,12 +584,9 @@ class InboundConfig:
         """The security level for a client address: the most specific matching network in
         `security_level_networks`, else `security_level`. IPv4-mapped IPv6 addresses
         (::ffff:192.0.2.7) match IPv4 networks; an unparsable address gets the default."""
-        try:
-            address = ipaddress.ip_address(str(ip).split("%", 1)[0])
-        except ValueError:
+        address = client_address(str(ip))
+        if address is None:
             return self.security_level
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
         for network, level in self.security_level_networks:
             if network.version == address.version and address in network:
                 return level
@@ -780,12 +789,9 @@ class OutboundConfig:
         """Whether a client address is in `client_networks` (IPv4-mapped IPv6 as IPv4)."""
         if not self.client_networks:
             return True
-        try:
-            address = ipaddress.ip_address(ip.split("%", 1)[0])
-        except ValueError:
+        address = client_address(ip)
+        if address is None:
             return False
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
         return any(address.version == network.version and address in network for network in self.client_networks)
 
     def _validate(self, key: str, ctx: _Context) -> None:

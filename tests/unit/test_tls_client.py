@@ -238,6 +238,8 @@ def test_a_held_session_never_crosses_tls_settings(client: ClientTls, ca: trustm
 
 def test_where_the_layout_is_unknown_sessions_are_cpythons_copies(client: ClientTls, ca: trustme.CA,
                                                                    monkeypatch) -> None:
+    """The path another Python build takes (no peer can stand in for an object layout):
+    sessions are CPython's copies, and they still resume."""
     monkeypatch.setattr(openssl_ext, "_ssl_layout_known", False)
     server = server_context(ca.issue_cert(MX))
     first = client.new_engine(MAY, MX)
