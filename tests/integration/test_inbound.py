@@ -7,12 +7,14 @@ Postfix's log), on reply codes and on smtproxy's own log lines.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import subprocess
 import sys
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import trustme
@@ -427,6 +429,71 @@ def test_plaintext_pipelined_after_starttls_never_reaches_the_backend(postfix, s
     # Postfix counted exactly what crossed: one MAIL, and no RSET.
     match = postfix.wait_for_log(r"disconnect from \S+ ehlo=2 mail=1 rcpt=1 data=1 quit=1 commands=6")
     assert "rset" not in match.group(0)
+
+
+# ----------------------------------------------------------------------- external judge
+
+# testssl.sh's finding ids that may be LOW: the CBC suites (TLS 1.2 ECDHE with AES-CBC-SHA2)
+# stay on for senders without AEAD, as Postfix's "medium" grade keeps them for opportunistic
+# TLS, where the alternative is plaintext. Anything else must be OK or INFO.
+_LOW_BY_CHOICE = {"LUCKY13", "cipherlist_AVERAGE"}
+# Findings about testssl's own openssl build, not about the server.
+_ABOUT_THE_SCANNER = {"engine_problem", "service"}
+
+
+def _testssl(port: int, out: Path, *, starttls: bool) -> subprocess.Popen[bytes]:
+    """testssl.sh (Debian): protocols (-p), cipher categories (-s), forward secrecy (-f) and
+    the known vulnerabilities (-U), one finding per line of a JSON file."""
+    args = ["testssl", "--quiet", "--color", "0", "--warnings", "batch", "--ip", "one",
+            "-p", "-s", "-f", "-U", "--jsonfile", str(out)]
+    if starttls:
+        args += ["-t", "smtp"]
+    return subprocess.Popen([*args, f"127.0.0.1:{port}"], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+@pytest.mark.timeout(300)
+def test_testssl_finds_no_weakness_on_starttls_and_implicit_tls(start_proxy, tmp_path):
+    """An external judge of the TLS configuration (not of injection or smuggling, which the
+    tests above cover). Both listeners are scanned at once, with an ECDSA and an RSA chain
+    loaded, so that the RSA key-transport (non-forward-secret) suites would show if offered.
+    The backend is a smtp-sink of its own: the scan's ~2,000 sessions would otherwise all
+    reach the Postfix that the other tests of this module share."""
+    with SmtpSink(tmp_path / "sink") as sink:
+        proxy = start_proxy(sink.port)
+        scans = {name: (_testssl(port, tmp_path / f"{name}.json", starttls=name == "starttls"),
+                        tmp_path / f"{name}.json")
+                 for name, port in (("starttls", proxy.port), ("implicit", proxy.tls_port))}
+        for name, (scan, out) in scans.items():
+            transcript = scan.communicate(timeout=240)[0].decode(errors="replace")
+            _judge(name, {f["id"]: (f["severity"], f["finding"]) for f in json.loads(out.read_text())},
+                   transcript)
+        # The proxy refused the old protocols, logged why, and still relays.
+        proxy.process.wait_for_log(lambda r: r["event"].startswith("SSL_accept error")
+                                   and "version_too_low" in r["event"])
+        marker = token()
+        result = run_swaks("--server", f"127.0.0.1:{proxy.port}", "--tls", "--to", "user@example.test",
+                           "--header", f"Subject: {marker}")
+        assert result.returncode == 0, result.stdout
+        delivered_with(sink, marker)
+
+
+def _judge(name: str, verdict: dict[str, tuple[str, str]], transcript: str) -> None:
+    """`verdict`: testssl's finding id -> (severity, finding)."""
+    assert "scanProblem" not in verdict, transcript
+    for version in ("SSLv2", "SSLv3", "TLS1", "TLS1_1"):
+        assert verdict[version][1] == "not offered", (name, version, verdict[version])
+    assert verdict["TLS1_2"][1] == "offered", (name, verdict["TLS1_2"])
+    assert verdict["TLS1_3"][1].startswith("offered"), (name, verdict["TLS1_3"])
+    assert verdict["PFS"] == ("OK", "offered"), (name, verdict["PFS"])
+    assert "no RSA key transport cipher" in verdict["ROBOT"][1], (name, verdict["ROBOT"])
+    for category in ("NULL", "aNULL", "EXPORT", "LOW", "3DES_IDEA"):
+        assert verdict[f"cipherlist_{category}"][1] == "not offered", (name, category)
+    assert verdict["secure_client_renego"][0] == "OK", (name, verdict["secure_client_renego"])
+    flagged = {key: v for key, v in verdict.items()
+               if key not in _ABOUT_THE_SCANNER and v[0] not in ("OK", "INFO")
+               and not (key in _LOW_BY_CHOICE and v[0] == "LOW")}
+    assert not flagged, (name, flagged)
 
 
 # ----------------------------------------------------------------------- client identity
