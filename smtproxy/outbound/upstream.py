@@ -42,6 +42,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._waiter: asyncio.Future[None] | None = None
         self._closed_reason: str | None = None
         self._handshake_error: TlsHandshakeError | None = None
+        self._tls_bytes_received = False
         self._can_write = asyncio.Event()
         self._can_write.set()
 
@@ -66,6 +67,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self.engine is None:
             self._parser.feed(data)
         else:
+            self._tls_bytes_received = True
             try:
                 plaintext = self.engine.receive(data)
             except TlsHandshakeError as exc:
@@ -154,8 +156,10 @@ class UpstreamConnection(asyncio.Protocol):
     async def start_tls(self, engine: TlsEngine, timeout: float) -> None:
         """Run the handshake after the server's 220 to STARTTLS.
 
-        Raises TlsHandshakeError for a TLS failure and UpstreamError for a lost connection
-        or a timeout.
+        Every way it can fail raises TlsHandshakeError: a TLS error as OpenSSL words it, a
+        lost connection or a timeout as `lost_connection` / `handshake_timeout`. Those two
+        are typed starttls-not-supported when not one byte came back after the 220 (a 220
+        followed by no handshake is how STARTTLS is stripped), validation-failure otherwise.
         """
         self.discarded_after_starttls = len(self._parser.take_buffer())
         self.engine = engine
@@ -166,10 +170,17 @@ class UpstreamConnection(asyncio.Protocol):
             if self._handshake_error is not None:
                 raise self._handshake_error
             if self._closed_reason is not None:
-                raise UpstreamError(f"{self._closed_reason} during TLS handshake")
-            await self._wait(deadline, "during TLS handshake")
+                raise self._unfinished_handshake("lost_connection")
+            try:
+                await self._wait(deadline, "during TLS handshake")
+            except UpstreamError:
+                raise self._unfinished_handshake("handshake_timeout") from None
         if self._handshake_error is not None:
             raise self._handshake_error
+
+    def _unfinished_handshake(self, reason: str) -> TlsHandshakeError:
+        return TlsHandshakeError("validation-failure" if self._tls_bytes_received else "starttls-not-supported",
+                                 reason)
 
     def _flush_tls(self) -> None:
         if self.engine is not None and self.transport is not None and not self.transport.is_closing():
@@ -178,7 +189,11 @@ class UpstreamConnection(asyncio.Protocol):
                 self.transport.write(out)
 
     async def quit(self, timeout: float) -> None:
-        """QUIT politely (best effort), then close."""
+        """QUIT politely (best effort), then close. After a TLS handshake that did not
+        complete there is no channel left to say it on: the connection is dropped."""
+        if self.engine is not None and not self.engine.handshake_done:
+            self.abort()
+            return
         try:
             if self.alive:
                 await self.command("QUIT", timeout)

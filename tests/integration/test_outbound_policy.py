@@ -14,8 +14,8 @@ server would be found there.  The Postfix instances are shared by the module; wh
 sent is recognised by a marker in the Subject (delivered messages) or by the smtpd
 sessions that started after the test began (Postfix's per-session command counts).
 
-Only the "454 to STARTTLS" peer is scripted: no real SMTP server refuses STARTTLS with
-454 on demand.
+Only the peers that answer STARTTLS badly are scripted: no real SMTP server refuses
+STARTTLS with 454, or says 220 and then closes or falls silent, on demand.
 """
 
 from __future__ import annotations
@@ -185,11 +185,14 @@ class SmtpdSessions:
         return wait_until(ended, timeout, f"{at_least} finished smtpd session(s) in {self.remote.maillog}")
 
 
-class Refuses454:
-    """A scripted SMTP peer (threads, plain sockets): offers STARTTLS and answers it with
-    `454 4.7.0`; accepts everything else, and records every command line and message."""
+class ScriptedStarttls:
+    """A scripted SMTP peer (threads, plain sockets) that offers STARTTLS and answers it as
+    `starttls` says: "454" (`454 4.7.0`, then carries on in plaintext), "close" (`220`,
+    then closes without a byte of TLS) or "hang" (`220`, then silence until the client
+    goes). It accepts everything else, and records every command line and message."""
 
-    def __init__(self) -> None:
+    def __init__(self, starttls: str) -> None:
+        self.starttls = starttls
         self.listener = socket.create_server((LOOPBACK, 0))
         self.listener.settimeout(0.2)
         self.port = self.listener.getsockname()[1]
@@ -200,7 +203,7 @@ class Refuses454:
         self._threads: list[threading.Thread] = []
         self._accept = threading.Thread(target=self._serve, name="refuses-454", daemon=True)
 
-    def start(self) -> Refuses454:
+    def start(self) -> ScriptedStarttls:
         self._accept.start()
         return self
 
@@ -248,8 +251,14 @@ class Refuses454:
                 verb = text.split(" ", 1)[0].upper()
                 if verb == "EHLO":
                     conn.sendall(b"250-mx.starttls454.test\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 STARTTLS\r\n")
-                elif verb == "STARTTLS":
+                elif verb == "STARTTLS" and self.starttls == "454":
                     conn.sendall(b"454 4.7.0 TLS not available due to local problem\r\n")
+                elif verb == "STARTTLS":
+                    conn.sendall(b"220 2.0.0 Ready to start TLS\r\n")
+                    if self.starttls == "hang":
+                        while conn.recv(4096):
+                            pass
+                    return
                 elif verb == "DATA":
                     conn.sendall(b"354 End data with <CR><LF>.<CR><LF>\r\n")
                     lines = []
@@ -307,8 +316,8 @@ def assert_no_mail_in(sessions: SmtpdSessions, at_least: int = 1) -> list[str]:
 
 
 @pytest.fixture
-def refuses_454() -> Iterator[Refuses454]:
-    peer = Refuses454().start()
+def refuses_454() -> Iterator[ScriptedStarttls]:
+    peer = ScriptedStarttls("454").start()
     yield peer
     peer.stop()
 
@@ -330,6 +339,56 @@ def test_starttls_refused_with_454(level, refuses_454, start_outbound):
         assert result.returncode == 0, result.stdout
         assert refuses_454.verbs()[:5] == ["EHLO", "STARTTLS", "MAIL", "RCPT", "DATA"]
         assert any(marker.encode() in message for message in refuses_454.messages)
+    assert not established(proxy)
+
+
+@pytest.mark.parametrize("starttls", ["close", "hang"])
+@pytest.mark.parametrize("level", ["may", "encrypt"])
+def test_220_to_starttls_then_no_handshake(level, starttls, start_outbound):
+    """A 220 to STARTTLS followed by a close or by silence is a failed handshake: `may`
+    retries the server in plaintext on a new connection (Postfix's opportunistic TLS);
+    `encrypt` defers, and no MAIL goes out."""
+    peer = ScriptedStarttls(starttls).start()
+    try:
+        proxy = start_outbound({"starttls220.test": f"[127.0.0.1]:{peer.port}"}, default_level=level,
+                               handshake_timeout=1)
+        marker = token()
+        result = swaks_via(proxy, marker, "user@starttls220.test")
+        reason = {"close": "lost_connection", "hang": "handshake_timeout"}[starttls]
+        where = f"127.0.0.1[127.0.0.1]:{peer.port}"
+        if level == "encrypt":
+            assert_deferred(result, f"TLS handshake with {where} failed: {reason}")
+            assert peer.verbs() == ["EHLO", "STARTTLS"]
+        else:
+            assert result.returncode == 0, result.stdout
+            assert peer.verbs()[:6] == ["EHLO", "STARTTLS", "EHLO", "MAIL", "RCPT", "DATA"], peer.verbs()
+            assert any(marker.encode() in message for message in peer.messages)
+        assert logged(proxy, f"SSL_connect error to {where}: {reason}")
+        assert not established(proxy)
+    finally:
+        peer.stop()
+
+
+@pytest.mark.parametrize("level", ["may", "encrypt"])
+def test_handshake_refused_by_a_real_postfix(level, remotes, dns_server, start_outbound):
+    """No TLS 1.2 suite in common (the remote has an ECDSA certificate, the policy excludes
+    aECDSA): Postfix ends the handshake with an alert. `may` delivers in plaintext to the
+    same server, `encrypt` defers with the handshake's reason and sends no MAIL."""
+    sessions = SmtpdSessions(remotes.good)
+    proxy = proxy_for(start_outbound, remotes, dns_server,
+                      f"remote.test {level} protocols=<=TLSv1.2 exclude=aECDSA\n")
+    marker = token()
+    result = swaks_via(proxy, marker)
+    where = f"mx.remote.test[127.0.0.1]:{remotes.port}"
+    assert logged(proxy, f"SSL_connect error to {where}: sslv3_alert_handshake_failure")
+    wait_until(lambda: "no shared cipher" in sessions.text(), 10, "Postfix's TLS error in its log")
+    if level == "encrypt":
+        assert_deferred(result, f"TLS handshake with {where} failed: sslv3_alert_handshake_failure")
+        assert sessions.disconnects() == ["ehlo=1 starttls=0/1 commands=1/2"]  # and no MAIL
+    else:
+        assert result.returncode == 0, result.stdout
+        assert received_tls(delivered(remotes.good, marker)) is None
+        assert remotes.holders(marker) == ["mx.remote.test"]
     assert not established(proxy)
 
 

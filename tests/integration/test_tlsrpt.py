@@ -402,3 +402,23 @@ def test_without_collector_mail_flows_and_drops_are_counted(start_proxy, remotes
     dropped = proxy.events("TLSRPT: results dropped")
     assert dropped == [f"TLSRPT: results dropped: cannot send to the collector at {tmp_path / 'absent.sock'}: "
                        "No such file or directory"]
+
+
+def test_failed_handshake_is_one_failure_result(collector, start_proxy, remotes, tmp_path):
+    """A handshake that ends in an alert (no TLS 1.2 suite in common: the remote has an
+    ECDSA certificate, the policy excludes aECDSA) is one validation-failure result with
+    OpenSSL's reason; the message is deferred, and nothing else is reported."""
+    proxy = start_proxy({"socket": str(collector.socket)},
+                        policy_file=write_policy(tmp_path, "reported.test encrypt protocols=<=TLSv1.2 exclude=aECDSA\n"))
+    _, result = proxy.send("reported.test")
+    assert result.returncode != 0 and "451 4.7.5" in result.stdout, result.stdout
+    assert proxy.wait_for_events("TLSRPT:", 1) == [
+        "TLSRPT: status=failure, domain=reported.test, receiving_mx=mx.reported.test[127.0.0.1], "
+        "failure_type=validation_failure, failure_reason=sslv3_alert_handshake_failure"]
+    wait_until(lambda: collector.stored_results() == 1, 10, "1 result in the collector's database")
+    collector.roll_over()
+    details = json.loads(collector.fetch(collector.reported_day(), "reported.test"))
+    [policies] = details["policies"].values()
+    [counts] = policies.values()
+    assert (counts["cntrtotal"], counts["cntrfailure"]) == (1, 1), counts
+    assert "sslv3_alert_handshake_failure" in json.dumps(counts["failures"]), counts
