@@ -19,6 +19,7 @@ from smtproxy.events import Direction, EventBus, HandshakeFacts
 from smtproxy.outbound.upstream import UpstreamConnection, UpstreamError
 from smtproxy.policy.levels import Level, Policy, PolicyDecision
 from smtproxy.routing.router import Destination, Target
+from smtproxy.routing.routes import address_literal
 from smtproxy.smtp import EhloReply, Reply
 from smtproxy.tls import openssl_ext
 from smtproxy.tls.client_context import ClientCertificate, ClientTls
@@ -96,10 +97,14 @@ def _is_ip(text: str) -> bool:
 
 
 def nexthop_name(nexthop: str) -> str:
-    """`[mx.example.net]:25` -> `mx.example.net`; `example.com` stays."""
+    """The name a certificate is checked against: `[mx.example.net]:25` -> `mx.example.net`,
+    `example.com:2525` -> `example.com`, `[IPv6:2001:db8::1]` -> `2001:db8::1` (Postfix:
+    the port and any enclosing brackets are part of the policy lookup key, not of the name
+    verified)."""
     if nexthop.startswith("["):
-        return nexthop[1 : nexthop.index("]")]
-    return nexthop
+        bracketed = nexthop[: nexthop.index("]") + 1]
+        return address_literal(bracketed) or bracketed[1:-1]
+    return nexthop.partition(":")[0]
 
 
 class Connector:
@@ -117,7 +122,8 @@ class Connector:
         if remote.transactions > 1:
             return  # kept after the first transaction already
         if engine is not None and engine.handshake_done and remote.facts is not None and remote.facts.ok:
-            self.sessions.put(_session_key(remote.target, remote.policy, remote.client_certificate),
+            server_name = self._server_name(remote.policy, remote.target, remote.nexthop)
+            self.sessions.put(_session_key(remote.target, server_name, remote.policy, remote.client_certificate),
                               openssl_ext.session_of(engine.ssl_object))
 
     async def connect(self, domain: str, destination: Destination, decision: PolicyDecision,
@@ -211,8 +217,9 @@ class Connector:
                                         f"{reply.code} {reply.text}", policy=True))
             log.info(f"host {where} refused to start TLS; continuing in plaintext", reply=reply.text)
             return None
-        session_key = _session_key(target, policy, certificate)
-        engine = self.client_tls.new_engine(policy, server_hostname=self._server_name(policy, target, nexthop),
+        server_name = self._server_name(policy, target, nexthop)
+        session_key = _session_key(target, server_name, policy, certificate)
+        engine = self.client_tls.new_engine(policy, server_hostname=server_name,
                                             session=self.sessions.get(session_key), certificate=certificate)
         started = time.monotonic()
         try:
@@ -274,9 +281,12 @@ class Connector:
             policy_level=str(policy.level)))
 
 
-def _session_key(target: Target, policy: Policy, certificate: ClientCertificate | None) -> tuple:
-    """A TLS session resumes only for the same server, policy and client certificate."""
-    return (target.hostname.lower(), target.address, target.port, policy, certificate)
+def _session_key(target: Target, server_name: str | None, policy: Policy,
+                 certificate: ClientCertificate | None) -> tuple:
+    """A TLS session resumes only for the same server, SNI, policy and client certificate:
+    with `servername=nexthop` two domains on one MX send different names, and a session
+    must not be offered under a name other than the one it was made for (RFC 8446 4.2.11)."""
+    return (target.hostname.lower(), target.address, target.port, server_name, policy, certificate)
 
 
 def _reply_text(reply: Reply) -> str:

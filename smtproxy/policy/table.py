@@ -86,13 +86,16 @@ class PolicyTableError(TableError):
 
 
 def _is_bracket_host(text: str) -> bool:
+    """What may stand between brackets (`text` in lower case): a host name, an IP address,
+    or RFC 5321's `IPv6:` address literal, which the routes table accepts too."""
     if is_domain(text):
         return True
+    address = text.removeprefix("ipv6:")
     try:
-        ipaddress.ip_address(text)
+        parsed = ipaddress.ip_address(address)
     except ValueError:
         return False
-    return True
+    return address == text or parsed.version == 6
 
 
 def _parse_destination(text: str, *, pattern: bool) -> tuple[str, bool]:

@@ -484,6 +484,34 @@ def test_secure_match_delivers(domain, entry, remotes, dns_server, start_outboun
         f"Verified TLS connection established to mx.remote.test[127.0.0.1]:{remotes.port}: TLSv1."), lines
 
 
+def test_secure_checks_a_routed_nexthop_without_its_port(remotes, dns_server, start_outbound):
+    """`other.test nexthop.test:P` (MX lookup of nexthop.test, port P): the certificate is
+    checked against nexthop.test; the port is part of the route, not of the name."""
+    proxy = proxy_for(start_outbound, remotes, dns_server, "", routes={"other.test": f"nexthop.test:{remotes.port}"},
+                      default_level="secure", ca_file=str(remotes.ca_file))
+    marker = token()
+    result = swaks_via(proxy, marker, "user@other.test")
+    assert result.returncode == 0, result.stdout
+    assert received_tls(delivered(remotes.good, marker)) is not None
+    assert established(proxy)[0].startswith(f"Verified TLS connection established to mx.remote.test[127.0.0.1]:"
+                                            f"{remotes.port}: TLSv1.")
+
+
+def test_a_tls_session_is_offered_only_under_the_name_it_was_made_for(remotes, dns_server, start_outbound):
+    """servername=nexthop: remote.test and nexthop.test share an MX host but send different
+    SNI names, so each gets its own TLS session (RFC 8446 4.2.11); the control is a second
+    message to nexthop.test, which resumes its own."""
+    policy = "".join(f"{domain} may servername=nexthop connection_reuse=no\n" for domain in ("remote.test", "nexthop.test"))
+    proxy = proxy_for(start_outbound, remotes, dns_server, policy)
+    for nth, domain in enumerate(("remote.test", "nexthop.test", "nexthop.test"), start=1):
+        marker = token()
+        assert swaks_via(proxy, marker, f"user@{domain}").returncode == 0
+        delivered(remotes.good, marker)
+        proxy.settled_logs(nth)
+    resumed = [r["resumed"] for r in logged(proxy, " TLS connection established to ", sessions=3)]
+    assert resumed == [False, False, True], resumed
+
+
 @pytest.mark.parametrize(("domain", "entry"), [
     ("remote.test", "secure match=nexthop"),  # mx.remote.test is not remote.test itself
     ("other.test", "secure"),  # the MX host's certificate names neither other.test nor a subdomain

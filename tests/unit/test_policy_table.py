@@ -20,6 +20,7 @@ from smtproxy.policy.table import (
     parse_nexthop,
     render_policy,
 )
+from smtproxy.routing.routes import RouteTable
 
 PATH = "/etc/smtproxy/tls_policy"
 FP1 = "B6:B4:72:34:E2:59:CD:00:11:22:33:44:55:66:77:88:99:AA:BB:CC:DD:EE:FF:00:11:22:33:44:55:66:77:88"
@@ -372,6 +373,25 @@ def test_parent_chain_and_parse_nexthop() -> None:
     assert parent_chain(".example.com") == [".example.com", ".com"]
     assert parse_nexthop("[MX.example.net]:25") == ("[mx.example.net]:25", True)
     assert parse_nexthop("Example.com") == ("example.com", False)
+    assert parse_nexthop("[IPv6:2001:db8::1]:25") == ("[ipv6:2001:db8::1]:25", True)
+    with pytest.raises(ValueError):
+        parse_nexthop("[IPv6:192.0.2.1]")
+
+
+def test_every_routed_nexthop_has_a_policy() -> None:
+    """Whatever the routes table accepts, the policy lookup takes (an `[IPv6:...]` route once
+    passed `smtproxy check` and then failed every transaction in the lookup)."""
+    routes = RouteTable.parse("a.example [IPv6:2001:db8::1]:2525\nb.example [2001:db8::2]\n"
+                              "c.example relay.example:26\nd.example [192.0.2.1]\ne.example relay.example\n",
+                              "routes")
+    policies = Policies(parse("[ipv6:2001:db8::1]:2525 encrypt\n"), Level.MAY)
+    levels = {}
+    for domain in ("a.example", "b.example", "c.example", "d.example", "e.example"):
+        route = routes.lookup(domain)
+        assert route is not None
+        levels[route.nexthop] = policies.decide(route.nexthop).policy.level
+    assert levels == {"[IPv6:2001:db8::1]:2525": Level.ENCRYPT, "[2001:db8::2]": Level.MAY,
+                      "relay.example:26": Level.MAY, "[192.0.2.1]": Level.MAY, "relay.example": Level.MAY}
 
 
 def test_policies_fall_back_to_default_level() -> None:

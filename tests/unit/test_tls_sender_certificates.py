@@ -192,9 +192,9 @@ def test_a_session_never_crosses_client_certificates(ids, ca, tmp_path):
 
 
 def test_session_cache_key_includes_the_certificate(ids):
-    keys = {_session_key(TARGET, MAY, certificate) for certificate in (ids.alpha, ids.beta, None)}
+    keys = {_session_key(TARGET, MX, MAY, certificate) for certificate in (ids.alpha, ids.beta, None)}
     assert len(keys) == 3
-    assert _session_key(TARGET, MAY, ids.alpha) == _session_key(TARGET, MAY, dataclasses.replace(ids.alpha))
+    assert _session_key(TARGET, MX, MAY, ids.alpha) == _session_key(TARGET, MX, MAY, dataclasses.replace(ids.alpha))
 
 
 def test_remember_session_stores_under_the_certificate_of_the_connection(ids, ca, tmp_path):
@@ -208,10 +208,10 @@ def test_remember_session_stores_under_the_certificate_of_the_connection(ids, ca
                            types.SimpleNamespace(ok=True), client_certificate=ids.alpha)
     connector = Connector(None, None, EventBus(), SessionCache(3600))  # type: ignore[arg-type]
     connector.remember_session(remote)
-    session = connector.sessions.get(_session_key(TARGET, MAY, ids.alpha))
+    session = connector.sessions.get(_session_key(TARGET, MX, MAY, ids.alpha))
     assert session is not None and session.has_ticket
-    assert connector.sessions.get(_session_key(TARGET, MAY, ids.beta)) is None
-    assert connector.sessions.get(_session_key(TARGET, MAY, None)) is None
+    assert connector.sessions.get(_session_key(TARGET, MX, MAY, ids.beta)) is None
+    assert connector.sessions.get(_session_key(TARGET, MX, MAY, None)) is None
     resumed = client.new_engine(MAY, MX, session=session, certificate=ids.alpha)
     handshake(resumed, server)
     assert resumed.ssl_object.session_reused
