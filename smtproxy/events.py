@@ -13,6 +13,8 @@ import enum
 from collections.abc import Callable
 from typing import Any
 
+# OpenSSL's names of TLS 1.2 suites with an ephemeral (EC)DH key exchange (ADH/AECDH: anonymous)
+_EPHEMERAL_KEY_EXCHANGE = ("ECDHE-", "DHE-", "EDH-", "AECDH-", "ADH-")
 
 class Direction(enum.StrEnum):
     INBOUND = "inbound"
@@ -79,10 +81,12 @@ class HandshakeFacts:
 
     @property
     def forward_secrecy(self) -> bool:
-        """TLS 1.3 always; TLS 1.2 only when an ephemeral (EC)DH key exchange happened."""
+        """TLS 1.3 always; TLS 1.2 when its cipher suite's key exchange is ephemeral (EC)DH.
+        A resumed TLS 1.2 session shows no key exchange (`key_exchange` is None) but keeps
+        the master secret of the (EC)DHE handshake that made it."""
         if self.protocol == "TLSv1.3":
             return True
-        return self.key_exchange is not None
+        return self.key_exchange is not None or (self.cipher or "").startswith(_EPHEMERAL_KEY_EXCHANGE)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

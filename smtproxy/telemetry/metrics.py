@@ -167,7 +167,7 @@ class Metrics:
             direction,
             one_of(facts.protocol, PROTOCOLS),
             word(facts.cipher),
-            "none" if facts.key_exchange is None else word(facts.key_exchange),
+            _key_exchange_label(facts),
             _bool(facts.forward_secrecy),
             one_of(facts.peer_trust, PEER_TRUST),
             _bool(facts.resumed),
@@ -200,3 +200,12 @@ class Metrics:
 
 def _bool(value: bool) -> str:
     return "true" if value else "false"
+
+
+def _key_exchange_label(facts: HandshakeFacts) -> str:
+    """The group seen in the handshake; `none` when there was no ephemeral key exchange
+    (static RSA); `unknown` when there was one but this handshake did not show it (a
+    resumed TLS 1.2 session: the group was chosen by the handshake that made it)."""
+    if facts.key_exchange is not None:
+        return word(facts.key_exchange)
+    return "unknown" if facts.forward_secrecy else "none"

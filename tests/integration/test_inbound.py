@@ -401,6 +401,8 @@ def test_openssl_resumes_and_our_log_says_resumed(postfix, start_proxy, pki, ecd
     resumed = proxy.process.wait_for_log(lambda r: "TLS connection established" in r["event"] and r["resumed"])
     assert [r["resumed"] for r in proxy.handshakes()] == [False, True]
     assert "server-signature" not in resumed["event"]  # nothing was signed this time
+    # the resumed TLS 1.2 session shows no key exchange, but its ECDHE suite made the secret
+    assert resumed["forward_secrecy"] is True, resumed
 
 
 # ----------------------------------------------------------------------- STARTTLS injection

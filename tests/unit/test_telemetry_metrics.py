@@ -88,17 +88,28 @@ def test_tls13_handshake_is_counted_with_every_label(metrics, bus):
 
 @pytest.mark.parametrize(("protocol", "key_exchange", "forward_secrecy", "label"), [
     ("TLSv1.3", "P-256", "true", "P-256"),
-    ("TLSv1.3", None, "true", "none"),  # resumed TLS 1.3 without key share (psk_ke) still counts as FS
+    ("TLSv1.3", None, "true", "unknown"),  # resumed TLS 1.3 without key share (psk_ke) still counts as FS
     ("TLSv1.2", "X25519", "true", "X25519"),
     ("TLSv1.2", "DHE-2048", "true", "DHE-2048"),
     ("TLSv1.2", None, "false", "none"),  # static RSA key exchange
 ])
 def test_forward_secrecy_follows_protocol_and_key_exchange(metrics, bus, protocol, key_exchange, forward_secrecy,
                                                            label):
-    bus.publish(handshake(Direction.OUTBOUND, protocol=protocol, key_exchange=key_exchange,
+    cipher = "AES256-GCM-SHA384" if protocol == "TLSv1.2" else "TLS_AES_256_GCM_SHA384"
+    bus.publish(handshake(Direction.OUTBOUND, protocol=protocol, cipher=cipher, key_exchange=key_exchange,
                           peer_trust=PeerTrust.VERIFIED, resumed=True))
     assert handshakes(metrics, direction="outbound", protocol=protocol, key_exchange=label,
                       forward_secrecy=forward_secrecy, peer_trust="verified", resumed="true") == 1
+
+
+@pytest.mark.parametrize("cipher", ["ECDHE-ECDSA-AES256-GCM-SHA384", "ECDHE-RSA-CHACHA20-POLY1305",
+                                    "DHE-RSA-AES128-GCM-SHA256"])
+def test_a_resumed_tls12_session_keeps_the_forward_secrecy_of_its_cipher(metrics, bus, cipher):
+    """No key exchange is seen when a TLS 1.2 session resumes; its (EC)DHE suite says the
+    master secret came from an ephemeral one. The group itself is not guessed."""
+    bus.publish(handshake(protocol="TLSv1.2", cipher=cipher, key_exchange=None, resumed=True))
+    assert handshakes(metrics, key_exchange="unknown", forward_secrecy="true", resumed="true") == 1
+    assert handshakes(metrics, forward_secrecy="false") == 0
 
 
 def test_a_reused_connection_is_not_a_handshake(metrics, bus):
