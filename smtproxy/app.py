@@ -26,7 +26,7 @@ from smtproxy.tls.session_cache import SessionCache
 from smtproxy.telemetry import logging as log_setup
 from smtproxy.telemetry import tlsrpt
 from smtproxy.telemetry.http import MetricsServer, Readiness
-from smtproxy.telemetry.metrics import Metrics
+from smtproxy.telemetry.metrics import Metrics, watch_backend
 from smtproxy.tls.certificates import ensure_certificate
 from smtproxy.tls.server_context import ServerTls
 from smtproxy.workers import Supervisor, WorkerLink
@@ -150,7 +150,7 @@ async def start_metrics(config: Config, metrics: Metrics, inbound: InboundServer
     backend = config.inbound.backend if config.inbound.listen or config.inbound.implicit_tls_listen else None
     readiness = Readiness(listening, backend, config.inbound.backend_connect_timeout)
     if backend is not None:
-        metrics.watch_backend(lambda: readiness.backend_up)
+        watch_backend(metrics.registry, lambda: readiness.backend_up)
     server = MetricsServer(metrics.registry, readiness)
     try:
         await server.start(config.metrics.listen)

@@ -26,7 +26,7 @@ from prometheus_client import CollectorRegistry, multiprocess
 
 from smtproxy.config import Config
 from smtproxy.telemetry.http import MetricsServer, Readiness
-from smtproxy.telemetry.metrics import MULTIPROCESS_DIR_VARIABLE
+from smtproxy.telemetry.metrics import MULTIPROCESS_DIR_VARIABLE, watch_backend
 from smtproxy.tls.openssl_ext import TICKET_KEYS_LENGTH
 
 log = structlog.get_logger("smtproxy")
@@ -190,6 +190,8 @@ class Supervisor:
         backend = inbound.backend if inbound.listen or inbound.implicit_tls_listen else None
         readiness = Readiness(lambda: self._all_ready() and not self.stopping.is_set(), backend,
                               inbound.backend_connect_timeout)
+        if backend is not None:
+            watch_backend(registry, lambda: readiness.backend_up)
         server = MetricsServer(registry, readiness)
         await server.start(listen)
         return server

@@ -149,11 +149,6 @@ class Metrics:
         for gauge, read in self._watched:
             gauge.set(read())
 
-    def watch_backend(self, up: Callable[[], bool]) -> None:
-        """Only registered when there is a backend, so `backend_up == 0` always means down."""
-        Gauge("backend_up", "1 when the legacy MTA accepted the last readiness probe's connection.",
-              namespace="smtproxy", registry=self.registry).set_function(lambda: float(up()))
-
     # ------------------------------------------------------------------ subscribers
 
     def on_handshake(self, facts: HandshakeFacts) -> None:
@@ -209,3 +204,11 @@ def _key_exchange_label(facts: HandshakeFacts) -> str:
     if facts.key_exchange is not None:
         return word(facts.key_exchange)
     return "unknown" if facts.forward_secrecy else "none"
+
+
+def watch_backend(registry: CollectorRegistry, up: Callable[[], bool]) -> None:
+    """`backend_up`, read at scrape time from the process that probes the backend (the one
+    process, or the supervisor of workers). Only registered when there is a backend, so
+    `backend_up == 0` always means down."""
+    Gauge("backend_up", "1 when the legacy MTA accepted the last readiness probe's connection.",
+          namespace="smtproxy", registry=registry).set_function(lambda: float(up()))

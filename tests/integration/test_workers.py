@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import urllib.error
 import urllib.request
 
 import pytest
@@ -47,7 +48,7 @@ def workers(tmp_path, postfix_factory, pki):
     process = SmtproxyProcess(write_config(tmp_path / "proxy", config), args=("--workers", "2")).start()
     try:
         process.wait_ready()
-        yield process, port, metrics_port
+        yield process, port, metrics_port, legacy
     finally:
         process.stop()
         print(f"--- smtproxy output ---\n{process.output_text()}")
@@ -73,8 +74,16 @@ def scrape(metrics_port: int) -> str:
         return response.read().decode()
 
 
+def readyz(metrics_port: int) -> int:
+    try:
+        with urllib.request.urlopen(f"http://{LOOPBACK}:{metrics_port}/readyz", timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
 def test_sessions_resume_on_whichever_worker_and_one_scrape_sums_them(workers, tmp_path):
-    process, port, metrics_port = workers
+    process, port, metrics_port, _ = workers
     ready = process.wait_for_log("smtproxy ready")
     assert len(ready["pids"]) == 2
     session = tmp_path / "session.pem"
@@ -97,7 +106,7 @@ def test_sessions_resume_on_whichever_worker_and_one_scrape_sums_them(workers, t
 
 
 def test_a_dead_worker_is_restarted_and_the_proxy_keeps_serving(workers, tmp_path):
-    process, port, _ = workers
+    process, port, _, _ = workers
     ready = process.wait_for_log("smtproxy ready")
     victim = ready["pids"][0]
     os.kill(victim, signal.SIGKILL)
@@ -106,3 +115,14 @@ def test_a_dead_worker_is_restarted_and_the_proxy_keeps_serving(workers, tmp_pat
     for attempt in range(4):
         assert "Verify return code" in s_client(port, tmp_path / f"s{attempt}.pem", resume=False)
     assert process.returncode is None
+
+
+def test_the_supervisor_exports_backend_up_from_its_readiness_probe(workers):
+    """The dashboard's "Backend reachable" panel and the SmtproxyBackendUnready alert read
+    `smtproxy_backend_up`; with workers it comes from the supervisor, which probes."""
+    _, _, metrics_port, legacy = workers
+    assert readyz(metrics_port) == 200
+    assert re.search(r"^smtproxy_backend_up 1\.0$", scrape(metrics_port), re.M)
+    legacy.stop()
+    wait_until(lambda: readyz(metrics_port) == 503, 10, "/readyz to answer 503 without the backend")
+    assert re.search(r"^smtproxy_backend_up 0\.0$", scrape(metrics_port), re.M)

@@ -24,7 +24,7 @@ from smtproxy.events import (
 )
 from smtproxy.telemetry import http
 from smtproxy.telemetry.http import MetricsServer, Readiness
-from smtproxy.telemetry.metrics import Metrics
+from smtproxy.telemetry.metrics import Metrics, watch_backend
 from tests.integration.peers import free_port
 
 # DESIGN.md's Metrics contract: names and label sets that dashboards and operators rely on.
@@ -199,7 +199,7 @@ def test_gauges_read_live_state(metrics):
     metrics.watch_caches(lambda: 4, lambda: 5)
     assert value(metrics, "smtproxy_backend_up") is None  # no backend, no gauge: never a false 0
     up = [True]
-    metrics.watch_backend(lambda: up[0])
+    watch_backend(metrics.registry, lambda: up[0])
     assert value(metrics, "smtproxy_connections_active", direction="inbound") == 3
     open_connections["inbound"] = 1
     up[0] = False
@@ -262,7 +262,7 @@ async def endpoint(metrics, bus, backend, monkeypatch):
     listening = [True]
     backend_port = backend.sockets[0].getsockname()[1]
     readiness = Readiness(lambda: listening[0], Address("127.0.0.1", backend_port), 2.0)
-    metrics.watch_backend(lambda: readiness.backend_up)
+    watch_backend(metrics.registry, lambda: readiness.backend_up)
     server = MetricsServer(metrics.registry, readiness)
     port = free_port()
     await server.start(Address("127.0.0.1", port))
