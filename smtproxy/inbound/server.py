@@ -262,6 +262,8 @@ class ClientConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.session is None or self.transport is None:
             return
+        if self.engine is not None and not self.engine.handshake_done and not self._closed:
+            self._report_handshake_failure("validation-failure", "lost_connection")  # as Postfix logs it
         if not self.session.closed:
             self._execute(self.session.client_closed())
         self._closed = True
@@ -445,6 +447,14 @@ class ClientConnection(asyncio.Protocol):
         self._execute(self.session.tls_established((clause,), refusal))
 
     def _handshake_failed(self, failure_type: str, reason: str) -> None:
+        self._report_handshake_failure(failure_type, reason)
+        assert self.session is not None
+        self._execute(self.session.client_closed())
+        self._closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+    def _report_handshake_failure(self, failure_type: str, reason: str) -> None:
         self.log.warning(f"SSL_accept error from unknown[{self._client_ip}]: {reason}")
         self.server.bus.publish(
             HandshakeFacts(
@@ -457,11 +467,6 @@ class ClientConnection(asyncio.Protocol):
                 failure_reason=reason,
             )
         )
-        assert self.session is not None
-        self._execute(self.session.client_closed())
-        self._closed = True
-        if self.transport is not None:
-            self.transport.close()
 
     def _handshake_timed_out(self) -> None:
         if self.engine is not None and not self.engine.handshake_done and not self._closed:

@@ -653,6 +653,24 @@ def test_silent_client_is_closed_after_the_handshake_timeout(postfix, start_prox
     assert end["tls"] is False and end["messages"] == 0
 
 
+@pytest.mark.parametrize("implicit", [False, True], ids=["starttls", "implicit-tls"])
+def test_client_gone_in_the_middle_of_the_handshake_is_a_handshake_failure(postfix, start_proxy, implicit):
+    """Postfix logs "SSL_accept error ... lost connection" for it, and it counts with the
+    other handshake failures (a timeout already did)."""
+    proxy = start_proxy(postfix.port)
+    with RawSmtpClient(proxy.tls_port if implicit else proxy.port) as client:
+        if not implicit:
+            assert client.read_reply().code == 220
+            client.ehlo()
+            client.send(b"STARTTLS\r\n")
+            assert client.read_reply().code == 220
+        client.send(bytes.fromhex("160301"))  # the start of a record, then nothing more
+    proxy.process.wait_for_log(
+        lambda r: r["event"] == "SSL_accept error from unknown[127.0.0.1]: lost_connection")
+    end = proxy.process.wait_for_log(lambda r: r["event"] == "disconnect from unknown[127.0.0.1]")
+    assert end["tls"] is False and end["messages"] == 0
+
+
 def test_bare_lf_in_data_is_rejected_and_nothing_delivered(postfix, start_proxy):
     proxy = start_proxy(postfix.port)
     smuggled, marker = token(), token()
