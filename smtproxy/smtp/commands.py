@@ -15,6 +15,10 @@ BDAT_SYNTAX = Reply.of(501, "5.5.4", "Syntax: BDAT count [LAST]")
 
 # SP and HTAB both end the verb: MTAs split on either, and the proxy must see the same verb.
 _VERB_END = re.compile(rb"[ \t]")
+# Every other C0 control: Postfix's smtpd also splits at VT and FF (isspace()), so
+# "XCLIENT<VT>ADDR=..." would be an unknown verb here and XCLIENT there; a stray CR or LF
+# could end the line early at the backend; NUL ends a C string.
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f]")
 _PARAM = re.compile(r"([A-Za-z0-9][A-Za-z0-9-]*)(?:=([^\x00-\x20=\x7f]+))?")
 _BDAT = re.compile(r" *([0-9]{1,20})(?: +(LAST))? *", re.IGNORECASE)
 
@@ -29,8 +33,8 @@ class Command:
 def parse_command(line: bytes) -> Command:
     """Parse one command line (CRLF, bare LF or no terminator).
 
-    Empty lines and lines with NUL or a stray CR are refused: a CR the backend might
-    read as a line end must never be forwarded inside a command.
+    Empty lines and lines with a control character other than HTAB are refused: the
+    backend must never split a forwarded command differently from the proxy.
     """
     if line.endswith(b"\r\n"):
         body = line[:-2]
@@ -38,7 +42,7 @@ def parse_command(line: bytes) -> Command:
         body = line[:-1]
     else:
         body = line
-    if not body or b"\0" in body or b"\r" in body or b"\n" in body:
+    if not body or _CONTROL.search(body):
         raise PeerProtocolError(BAD_SYNTAX)
     verb, *rest = _VERB_END.split(body, maxsplit=1)
     if not verb:

@@ -516,6 +516,28 @@ def test_xclient_tells_postfix_the_real_client(postfix, start_proxy):
     postfix.wait_for_log(r"client=unknown\[127\.0\.0\.5\]")
 
 
+@pytest.mark.parametrize("separator", [b" ", b"\x0b", b"\x0c"], ids=["space", "vertical-tab", "form-feed"])
+def test_a_client_cannot_pass_xclient_to_a_backend_that_trusts_the_proxy(postfix, start_proxy, separator):
+    """Postfix trusts XCLIENT from the proxy. Its smtpd splits a command at any isspace(),
+    VT and FF too: a client's XCLIENT with one of those must not reach it either."""
+    proxy = start_proxy(postfix.port, client_identity="xclient")
+    marker = token()
+    with RawSmtpClient(proxy.port) as client:
+        assert client.read_reply().code == 220
+        client.ehlo()
+        client.send(b"XCLIENT" + separator + b"ADDR=203.0.113.9 NAME=forged.example\r\n")
+        assert client.read_reply().code in (500, 550)
+        assert client.command("MAIL FROM:<a@example.org>").code == 250
+        assert client.command("RCPT TO:<user@example.test>").code == 250
+        assert client.command("DATA").code == 354
+        client.send(f"Subject: {marker}\r\n\r\nok\r\n.\r\n".encode())
+        assert client.read_reply().code == 250
+        client.command("QUIT")
+    message = delivered_with(postfix, marker).decode()
+    assert "203.0.113.9" not in message and "forged.example" not in message, message
+    assert "unknown [127.0.0.1]" in message
+
+
 @pytest.mark.parametrize("version", ["proxy-v1", "proxy-v2"])
 def test_proxy_protocol_tells_postfix_the_real_client(tmp_path, start_proxy, version):
     source = "127.0.0.6" if version == "proxy-v1" else "127.0.0.7"

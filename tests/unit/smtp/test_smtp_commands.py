@@ -36,7 +36,9 @@ def test_verb_upper_casing_is_ascii_only():
 
 
 @pytest.mark.parametrize(
-    "line", [b"\r\n", b"\n", b"", b"NO\x00OP\r\n", b"NOOP\rMAIL FROM:<>\r\n", b" NOOP\r\n", b"A\nB\r\n"]
+    "line", [b"\r\n", b"\n", b"", b"NO\x00OP\r\n", b"NOOP\rMAIL FROM:<>\r\n", b" NOOP\r\n", b"A\nB\r\n",
+             # Postfix's smtpd would read XCLIENT / DATA here (it splits at any isspace())
+             b"XCLIENT\x0bADDR=203.0.113.9\r\n", b"DATA\x0c\r\n", b"MAIL FROM:<a>\x1b\r\n"]
 )
 def test_bad_command_lines(line):
     reply = refusal(parse_command, line)
@@ -106,6 +108,7 @@ def test_arbitrary_lines_only_raise_peer_protocol_error(line):
     except PeerProtocolError:
         return
     assert command.raw.endswith(b"\r\n") and command.raw.count(b"\n") == 1 and b"\r" not in command.raw[:-2]
+    assert not any(byte < 0x20 and byte != 0x09 for byte in command.raw[:-2])
     for parse in (parse_mail_from, parse_rcpt_to, parse_bdat):
         try:
             parse(command.arg)
