@@ -104,7 +104,7 @@ class _Kind(enum.Enum):
     DATA = "data"  # expects 354
     DATA_END = "data-end"  # final reply after the content
     BDAT = "bdat"
-    INTERNAL = "internal"  # the proxy's own command; reply swallowed
+    INTERNAL = "internal"  # the proxy's own command (an RSET); reply swallowed
 
 
 @dataclasses.dataclass(slots=True)
@@ -199,6 +199,7 @@ class InboundSession:
         self._chunk: ChunkReader | None = None
         self._chunk_forwarded = True
         self._bdat_total = 0
+        self._bdat_refusal: Reply | None = None  # a chunk of this message was refused: so are the rest
         self._message_started = 0.0
         self._helo: str | None = None
         self._tls_clauses: tuple[str, ...] = ()
@@ -386,11 +387,12 @@ class InboundSession:
         reply = entry.reply
         assert reply is not None
         kind, command = entry.kind, entry.command
-        if kind is _Kind.INTERNAL:
-            return []
         if kind is _Kind.LOCAL:
             return self._send_local(reply)
         assert command is not None
+        if kind is _Kind.INTERNAL:
+            self.smtp.on_reply(command, reply)
+            return []
         if kind is _Kind.DATA:
             if reply.code == 354:
                 return [SendClient(reply.serialize()), *self._begin_data()]
@@ -461,6 +463,7 @@ class InboundSession:
     def _on_command(self, command: Command) -> list[Action]:
         if command.verb == "BDAT":
             return self._on_bdat(command)
+        self._bdat_refusal = None  # the client moved on from the refused message
         refusal = self.smtp.check(command)
         if refusal is not None:
             return self._answer_locally(refusal)
@@ -490,16 +493,20 @@ class InboundSession:
         first_chunk = not self._bdat_total and self.smtp.expected_state is not SmtpState.BDAT
         # The proxy's own refusals come first: once check() accepts, the command is pending.
         refusal = None
+        actions: list[Action] = []
         if not self._backend_chunking:
             refusal = Reply.of(502, "5.5.1", "Error: command not implemented")
+        elif self._bdat_refusal is not None:
+            refusal = self._bdat_refusal
         elif self.settings.max_message_size and self._bdat_total + size > self.settings.max_message_size:
-            # Refusing this chunk (and so the LAST one) means the backend never completes
-            # the message; the client's RSET or QUIT ends it there.
-            refusal = Reply.of(552, "5.3.4", "Error: message file too big")
+            refusal = self._bdat_refusal = Reply.of(552, "5.3.4", "Error: message file too big")
+            actions = self._abandon_bdat_message()
         if refusal is None:
             refusal = self.smtp.check(command)
         if refusal is not None:
-            actions = self._answer_locally(refusal)
+            if last:
+                self._bdat_refusal = None
+            actions += self._answer_locally(refusal)
             self._start_chunk(size, forward=False)
             return actions + self._feed_chunk(self._reader.take_buffer())
         header = b""
@@ -517,6 +524,18 @@ class InboundSession:
         line = f"BDAT {wire_size}{' LAST' if last else ''}\r\n".encode("ascii")
         self._start_chunk(size, forward=True)
         return [SendBackend(line + header), *self._feed_chunk(self._reader.take_buffer())]
+
+    def _abandon_bdat_message(self) -> list[Action]:
+        """A chunk of this message is refused here, so the message must never complete at
+        the backend (RFC 3030: the rest of its chunks are refused too, LAST included). An
+        RSET of our own drops the transaction there, with the chunks it already holds."""
+        self._bdat_total = 0
+        self._message_started = 0.0
+        rset = parse_command(b"RSET\r\n")
+        if self.smtp.check(rset) is not None:
+            return []
+        self._pending.append(_Pending(_Kind.INTERNAL, rset))
+        return [SendBackend(rset.raw)]
 
     def _start_chunk(self, size: int, *, forward: bool) -> None:
         self._chunk = ChunkReader(size)

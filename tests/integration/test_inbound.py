@@ -693,6 +693,31 @@ def test_client_gone_in_the_middle_of_the_handshake_is_a_handshake_failure(postf
     assert end["tls"] is False and end["messages"] == 0
 
 
+def test_a_refused_bdat_chunk_leaves_no_truncated_message_at_postfix(postfix, start_proxy):
+    """A pipelined BDAT message whose second chunk passes the size limit: the proxy refuses
+    it and the LAST chunk (RFC 3030), and Postfix, which holds the first chunk, gets an RSET
+    instead of a LAST that would complete a truncated message. The session goes on."""
+    proxy = start_proxy(postfix.port, max_message_size=1000)
+    truncated, marker = token(), token()
+    first = f"Subject: {truncated}\r\n\r\n".encode().ljust(598, b"a") + b"\r\n"
+    with RawSmtpClient(proxy.port) as client:
+        assert client.read_reply().code == 220
+        assert "CHUNKING" in client.ehlo().text
+        client.send(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<user@example.test>\r\n"
+                    + b"BDAT 600\r\n" + first + b"BDAT 600\r\n" + b"b" * 598 + b"\r\n"
+                    + b"BDAT 10 LAST\r\n" + b"c" * 8 + b"\r\n")
+        codes = [client.read_reply().code for _ in range(5)]
+        assert codes == [250, 250, 250, 552, 552], codes
+        assert client.command("MAIL FROM:<a@example.org>").code == 250
+        assert client.command("RCPT TO:<user@example.test>").code == 250
+        body = f"Subject: {marker}\r\n\r\nok\r\n".encode()
+        assert client.command(f"BDAT {len(body)} LAST".encode() + b"\r\n" + body).code == 250
+        client.command("QUIT")
+    delivered_with(postfix, marker)
+    assert not any(truncated.encode() in m for m in postfix.messages())
+    postfix.wait_for_log(r"disconnect from \S+ ehlo=1 mail=2 rcpt=2 bdat=2 rset=1 quit=1 commands=9")
+
+
 def test_bare_lf_in_data_is_rejected_and_nothing_delivered(postfix, start_proxy):
     proxy = start_proxy(postfix.port)
     smuggled, marker = token(), token()

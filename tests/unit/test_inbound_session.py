@@ -315,6 +315,26 @@ def test_bdat_refused_locally_swallows_its_chunk_and_leaves_no_phantom_pending()
     assert to_client(session.backend_data(b"354 go\r\n")) == b"354 go\r\n"
 
 
+def test_a_chunk_over_the_size_limit_fails_the_whole_message():
+    """RFC 3030: once a chunk is refused, so are the rest of the message's chunks, LAST
+    included; the backend's RSET drops the chunks it already holds, so a truncated message
+    is never completed there. The session goes on."""
+    session = ehloed(max_message_size=1000)
+    actions = session.client_data(b"MAIL FROM:<a@x.example>\r\nRCPT TO:<b@y.example>\r\n"
+                                  b"BDAT 600\r\n" + b"A" * 600 + b"BDAT 600\r\n" + b"B" * 600
+                                  + b"BDAT 10 LAST\r\n" + b"C" * 10)
+    sent = to_backend(actions)
+    assert sent.endswith(b"A" * 600 + b"RSET\r\n") and b"BB" not in sent and b"CC" not in sent and b"LAST" not in sent
+    replies = session.backend_data(b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.0.0 600 bytes\r\n250 2.0.0 Ok\r\n")
+    assert to_client(replies) == (b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.0.0 600 bytes\r\n"
+                                  + b"552 5.3.4 Error: message file too big\r\n" * 2)
+    assert not [a for a in replies if isinstance(a, MessageFinished) and a.result == "accepted"]
+    # the next message of the session is relayed as usual
+    sent = to_backend(session.client_data(b"MAIL FROM:<a@x.example>\r\n"))
+    assert sent == b"MAIL FROM:<a@x.example>\r\n"
+    assert to_client(session.backend_data(b"250 2.1.0 Ok\r\n")) == b"250 2.1.0 Ok\r\n"
+
+
 def test_data_is_streamed_to_the_backend_before_the_final_dot():
     session = ehloed()
     line = b"x" * 998 + b"\r\n"
