@@ -398,6 +398,8 @@ class InboundSession:
                 return [SendClient(reply.serialize()), *self._begin_data()]
             self._blocked_on_data_reply = False
             self.smtp.on_reply(command, reply)
+            if reply.code == 421:  # the backend is closing (RFC 5321 3.8): so does the session
+                return [SendClient(reply.serialize()), *self._close()]
             return [SendClient(reply.serialize()), *self._process_commands()]
         self.smtp.on_reply(command, reply)
         if kind is _Kind.EHLO and reply.code == 250:

@@ -718,6 +718,21 @@ def test_a_refused_bdat_chunk_leaves_no_truncated_message_at_postfix(postfix, st
     postfix.wait_for_log(r"disconnect from \S+ ehlo=1 mail=2 rcpt=2 bdat=2 rset=1 quit=1 commands=9")
 
 
+def test_421_to_data_is_relayed_once_and_the_session_closes(start_proxy, tmp_path):
+    """smtp-sink answers DATA with 421 and closes: the client gets that 421 and a close,
+    not a second, made-up 421 when the backend's close is noticed."""
+    with SmtpSink(tmp_path / "sink", reply_421_after=["DATA"]) as sink:
+        proxy = start_proxy(sink.port)
+        with RawSmtpClient(proxy.port) as client:
+            assert client.read_reply().code == 220
+            client.ehlo()
+            assert client.command("MAIL FROM:<a@example.org>").code == 250
+            assert client.command("RCPT TO:<user@example.test>").code == 250
+            reply = client.command("DATA")
+            assert reply.code == 421, reply
+            assert client.expect_close() == b""
+
+
 def test_bare_lf_in_data_is_rejected_and_nothing_delivered(postfix, start_proxy):
     proxy = start_proxy(postfix.port)
     smuggled, marker = token(), token()

@@ -222,6 +222,15 @@ def test_http_on_the_smtp_port_is_dropped():
     assert CloseClient() in actions
 
 
+def test_421_to_data_closes_the_session_like_421_to_any_command():
+    session = ehloed()
+    session.client_data(b"MAIL FROM:<a@x.example>\r\nRCPT TO:<b@y.example>\r\nDATA\r\n")
+    actions = session.backend_data(b"250 ok\r\n250 ok\r\n421 4.3.2 shutting down\r\n")
+    assert to_client(actions).endswith(b"421 4.3.2 shutting down\r\n")
+    assert any(isinstance(a, CloseClient) for a in actions) and any(isinstance(a, CloseBackend) for a in actions)
+    assert session.closed
+
+
 def test_backend_unreachable_or_refusing_gives_421_4_3_0():
     session = InboundSession(settings(), CLIENT, LISTENER)
     actions = session.backend_failed()
