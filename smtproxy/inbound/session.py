@@ -151,6 +151,11 @@ class InboundSettings:
     max_errors: int = 20
 
 
+# Commands read ahead of their replies (RFC 2920 pipelining). Past this many, the client's
+# further commands wait in the socket: each reply is matched against the pending commands,
+# so an unbounded pipeline would cost quadratic CPU and unbounded memory.
+MAX_PIPELINED = 100
+
 _DATA_ERROR_REPLIES = {
     DataError.BARE_LF: Reply.of(521, "5.5.2", "Error: bare <LF> received"),
     DataError.BARE_CR: Reply.of(521, "5.5.2", "Error: bare <CR> received"),
@@ -238,6 +243,8 @@ class InboundSession:
             if reply is None:
                 break
             actions += self._backend_reply(reply)
+        if self._mode is _Mode.COMMANDS:
+            actions += self._process_commands()  # those held back by a full pipeline
         return actions
 
     def backend_closed(self) -> list[Action]:
@@ -304,7 +311,8 @@ class InboundSession:
 
     @property
     def input_blocked(self) -> bool:
-        """True while client bytes must wait (DATA's reply, STARTTLS's turn, greeting)."""
+        """True while client bytes must wait (DATA's reply, STARTTLS's turn, greeting, a
+        full pipeline)."""
         if self._mode is _Mode.HANDSHAKE:
             return False
         return (
@@ -312,6 +320,7 @@ class InboundSession:
             or self._blocked_on_starttls
             or not self._greeted_client
             or self._mode is _Mode.CLOSED
+            or len(self._pending) >= MAX_PIPELINED
         )
 
     @property

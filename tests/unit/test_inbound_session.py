@@ -10,6 +10,7 @@ from smtproxy.inbound.session import (
     Discarded,
     InboundSession,
     InboundSettings,
+    MAX_PIPELINED,
     MessageFinished,
     SendBackend,
     SendClient,
@@ -220,6 +221,24 @@ def test_http_on_the_smtp_port_is_dropped():
     actions = session.client_data(b"GET / HTTP/1.1\r\n")
     assert to_client(actions).startswith(b"221 2.7.0")
     assert CloseClient() in actions
+
+
+def test_a_deep_pipeline_is_read_a_bounded_batch_at_a_time():
+    """1,000 pipelined NOOPs: at most MAX_PIPELINED are in flight (and reading from the
+    client pauses); each batch of replies lets the next batch out; every reply in order."""
+    session = ehloed()
+    actions = session.client_data(b"".join(b"NOOP %d\r\n" % i for i in range(1000)))
+    sent = to_backend(actions)
+    assert sent.count(b"NOOP") == MAX_PIPELINED and session.input_blocked
+    replies = b""
+    while sent:
+        actions = session.backend_data(b"".join(b"250 2.0.0 Ok %s\r\n" % line.split(b" ")[1]
+                                                for line in sent.splitlines()))
+        replies += to_client(actions)
+        sent = to_backend(actions)
+        assert sent.count(b"NOOP") <= MAX_PIPELINED
+    assert replies == b"".join(b"250 2.0.0 Ok %d\r\n" % i for i in range(1000))
+    assert not session.input_blocked
 
 
 def test_421_to_data_closes_the_session_like_421_to_any_command():
