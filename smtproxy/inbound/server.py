@@ -174,6 +174,7 @@ class ClientConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.backend: asyncio.Transport | None = None
         self.backend_congested = False
+        self.client_congested = False  # the client does not read its replies fast enough
         self.session: InboundSession | None = None
         self.engine: TlsEngine | None = None
         self._handshake_started = 0.0
@@ -258,6 +259,14 @@ class ClientConnection(asyncio.Protocol):
         if self.session is not None:
             self._execute(self.session.client_closed())
         return False
+
+    def pause_writing(self) -> None:
+        self.client_congested = True
+        self.update_reading()
+
+    def resume_writing(self) -> None:
+        self.client_congested = False
+        self.update_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.session is None or self.transport is None:
@@ -403,7 +412,7 @@ class ClientConnection(asyncio.Protocol):
     def update_reading(self) -> None:
         if self.transport is None or self.session is None or self._closed:
             return
-        pause = self.session.input_blocked or self.backend_congested
+        pause = self.session.input_blocked or self.backend_congested or self.client_congested
         if pause and not self._reading_paused:
             self.transport.pause_reading()
             self._reading_paused = True

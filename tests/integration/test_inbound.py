@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import select
+import socket
 import subprocess
 import sys
 import time
@@ -731,6 +733,42 @@ def test_421_to_data_is_relayed_once_and_the_session_closes(start_proxy, tmp_pat
             reply = client.command("DATA")
             assert reply.code == 421, reply
             assert client.expect_close() == b""
+
+
+def _rss_kib(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"^VmRSS:\s+(\d+) kB", status, re.M).group(1))
+
+
+def test_a_client_that_pipelines_and_never_reads_is_held_back(start_proxy, tmp_path):
+    """EHLO after EHLO, pipelined, replies never read (each ~6 times the command): once its
+    replies back up, the proxy stops reading the client's commands (as Postfix's smtpd
+    blocks in write), so the client's sends block and the proxy's memory stays flat. When
+    the client reads again, its commands get their replies, in order."""
+    ehlo = b"EHLO client.example\r\n"
+    with SmtpSink(tmp_path / "sink") as sink:
+        proxy = start_proxy(sink.port)
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+            assert sock.recv(4096).startswith(b"220 ")
+            baseline = _rss_kib(proxy.process.process.pid)
+            burst, sent, growth = ehlo * 2000, 0, 0
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and growth < 64 * 1024:  # bounded in time and memory
+                if not select.select([], [sock], [], 2)[1]:
+                    break  # held back: the proxy has stopped reading
+                sent += sock.send(burst)
+                growth = _rss_kib(proxy.process.process.pid) - baseline
+            else:
+                pytest.fail(f"sent {sent} bytes, never held back; the proxy grew by {growth} KiB")
+            received = b""
+            while received.count(b"\r\n250 ") < 20000:
+                chunk = sock.recv(1 << 20)
+                assert chunk, f"closed after {received.count(b'250 ')} replies"
+                received += chunk
+        replies = re.findall(rb"(?:250-[^\r]*\r\n)*250 [^\r]*\r\n", received)
+        assert len(replies) >= 20000 and all(r.startswith(b"250-") for r in replies), replies[:3]
+        assert len(set(replies)) == 1, set(replies)  # every one a whole EHLO reply
 
 
 def test_bare_lf_in_data_is_rejected_and_nothing_delivered(postfix, start_proxy):
