@@ -325,6 +325,11 @@ class InboundSession:
 
     @property
     def awaiting_backend(self) -> bool:
+        """A reply is due from the backend. Not while a BDAT chunk is still arriving: the
+        backend answers once it has all of it, so that time is the client's (its idle
+        timer), as during DATA's content."""
+        if self._mode is _Mode.BDAT:
+            return False
         return self._backend is not _Backend.READY or any(p.reply is None and p.kind is not _Kind.LOCAL for p in self._pending)
 
     # ----------------------------------------------------------------- backend replies

@@ -771,6 +771,27 @@ def test_a_client_that_pipelines_and_never_reads_is_held_back(start_proxy, tmp_p
         assert len(set(replies)) == 1, set(replies)  # every one a whole EHLO reply
 
 
+def test_a_slow_bdat_chunk_is_not_taken_for_a_silent_backend(postfix, start_proxy):
+    """backend_timeout is how long the backend may take to answer; while a chunk is still
+    arriving it cannot answer, so a client slower than that is not cut off with 421."""
+    proxy = start_proxy(postfix.port, backend_timeout=1)
+    marker = token()
+    body = f"Subject: {marker}\r\n\r\n".encode().ljust(998, b"x") + b"\r\n"
+    with RawSmtpClient(proxy.port) as client:
+        assert client.read_reply().code == 220
+        client.ehlo()
+        assert client.command("MAIL FROM:<a@example.org>").code == 250
+        assert client.command("RCPT TO:<user@example.test>").code == 250
+        client.send(f"BDAT {len(body)} LAST\r\n".encode() + body[:400])
+        client.sock.settimeout(2)  # twice the backend timeout: nothing may come back meanwhile
+        with pytest.raises(TimeoutError):
+            client.sock.recv(1024)
+        client.send(body[400:])
+        assert client.read_reply().code == 250
+        client.command("QUIT")
+    delivered_with(postfix, marker)
+
+
 def test_bare_lf_in_data_is_rejected_and_nothing_delivered(postfix, start_proxy):
     proxy = start_proxy(postfix.port)
     smuggled, marker = token(), token()

@@ -383,4 +383,7 @@ def test_bdat_chunk_is_streamed_before_it_is_complete():
     session.backend_data(b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n")
     sent = to_backend(session.client_data(b"BDAT 100000 LAST\r\n" + b"y" * 40000))
     assert sent.startswith(b"BDAT 100000 LAST\r\n") and sent.endswith(b"y" * 40000)
+    # the backend cannot answer a chunk it has not got: the wait is the client's, not the backend's
+    assert not session.awaiting_backend
     assert to_backend(session.client_data(b"y" * 60000)) == b"y" * 60000
+    assert session.awaiting_backend
