@@ -16,6 +16,7 @@ from typing import Any
 # OpenSSL's names of TLS 1.2 suites with an ephemeral (EC)DH key exchange (ADH/AECDH: anonymous)
 _EPHEMERAL_KEY_EXCHANGE = ("ECDHE-", "DHE-", "EDH-", "AECDH-", "ADH-")
 
+
 class Direction(enum.StrEnum):
     INBOUND = "inbound"
     OUTBOUND = "outbound"

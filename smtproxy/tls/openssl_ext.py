@@ -13,8 +13,8 @@ OpenSSL's own verdict for the handshake in progress.  Handshakes run synchronous
 `do_handshake()` on the event-loop thread, so the engine marks itself as the current
 handshake around that call (`recording`), and the callback attributes verdicts to it.
 
-Client sessions for resumption are held by reference (`HeldSession`) on that same `SSL *`,
-instead of the DER copies CPython makes of every session read or offered.
+Client sessions for resumption are kept as in-memory copies (`HeldSession`) taken on that
+same `SSL *`, instead of the DER copies CPython makes of every session read or offered.
 """
 
 from __future__ import annotations
@@ -51,8 +51,10 @@ _SIGNATURES = {
     "X509_verify_cert_error_string": (ctypes.c_char_p, [ctypes.c_long]),
     "SSL_get_SSL_CTX": (_P, [_P]),
     "SSL_set_msg_callback": (None, [_P, _P]),
-    "SSL_get1_session": (_P, [_P]),
+    "SSL_get_session": (_P, [_P]),
+    "SSL_SESSION_dup": (_P, [_P]),
     "SSL_set_session": (ctypes.c_int, [_P, _P]),
+    "SSL_get_verify_result": (ctypes.c_long, [_P]),
     "SSL_SESSION_free": (None, [_P]),
     "SSL_SESSION_get_timeout": (ctypes.c_long, [_P]),
     "SSL_SESSION_has_ticket": (ctypes.c_int, [_P]),
@@ -113,14 +115,18 @@ def stop_message_callback(ssl_object: ssl.SSLObject) -> None:
 
 
 class HeldSession:
-    """A client `SSL_SESSION` held by reference, with `ssl.SSLSession`'s `timeout`,
-    `has_ticket` and `id`.
+    """A client `SSL_SESSION` of our own, with `ssl.SSLSession`'s `timeout`, `has_ticket`
+    and `id`.
 
     CPython 3.11 copies a session through DER (i2d, then d2i, which parses the server's
     certificate and key again) each time `SSLObject.session` is read and each time a
     session is handed to `wrap_bio`: a fifth of the CPU of a new outbound connection
-    (py-spy, OpenSSL 3).  OpenSSL 3 sessions can be shared by reference; the context
-    they came from is kept, so one is never offered to another (CPython's own check).
+    (py-spy, OpenSSL 3).  `SSL_SESSION_dup` copies one in memory instead (the
+    certificates are shared by reference count).  A copy is taken when the session is
+    kept and another each time it is offered, never the connection's own object: OpenSSL
+    marks the session of a connection freed without a TLS shutdown not resumable
+    (`ssl_clear_bad_session`), and connections are dropped that way. The context a session
+    came from is kept, so one is never offered to another (CPython's own check).
     """
 
     __slots__ = ("_pointer", "context", "timeout", "has_ticket", "id")
@@ -149,8 +155,9 @@ def session_of(ssl_object: ssl.SSLObject) -> Session | None:
             pointer = _ssl_pointer(ssl_object)
         except RuntimeError:
             return ssl_object.session
-        session = _lib.SSL_get1_session(pointer)
-        return HeldSession(session, ssl_object.context) if session else None
+        session = _lib.SSL_get_session(pointer)
+        copy = _lib.SSL_SESSION_dup(session) if session else None
+        return HeldSession(copy, ssl_object.context) if copy else None
     return ssl_object.session
 
 
@@ -161,7 +168,28 @@ def offer_session(ssl_object: ssl.SSLObject, session: Session) -> None:
         return
     if session.context is not ssl_object.context:
         raise ValueError("Session refers to a different SSLContext.")
-    _check(_lib.SSL_set_session(_ssl_pointer(ssl_object), session._pointer), "SSL_set_session")
+    pointer = _ssl_pointer(ssl_object)
+    copy = _lib.SSL_SESSION_dup(session._pointer)
+    if not copy:
+        raise MemoryError("SSL_SESSION_dup")
+    try:
+        _check(_lib.SSL_set_session(pointer, copy), "SSL_set_session")
+    finally:
+        _lib.SSL_SESSION_free(copy)  # the connection holds its own reference now
+
+
+X509_V_OK = 0
+
+
+def verify_result(ssl_object: ssl.SSLObject) -> int | None:
+    """OpenSSL's verify result of the connection (`SSL_get_verify_result`); a resumed
+    handshake gets the one its session kept. None where this Python's layout hides it."""
+    if not _ssl_layout_known:
+        return None
+    try:
+        return _lib.SSL_get_verify_result(_ssl_pointer(ssl_object))
+    except RuntimeError:
+        return None
 
 
 def _check(result: int, what: str) -> None:

@@ -118,7 +118,16 @@ class ServerTls:
         if not der:
             return PeerTrust.ANONYMOUS, None, "client certificate required" if required else None
         certificate = peer_certificate(der)
-        ca_verified = self.config.client_ca_file is not None and engine.verification.verified
+        ca_verified = self.config.client_ca_file is not None and _chain_verified(engine)
         if ca_verified or certificate.sha256_fingerprint in self.config.client_fingerprints:
             return PeerTrust.TRUSTED, certificate, None
         return PeerTrust.UNTRUSTED, certificate, "client certificate not trusted" if required else None
+
+
+def _chain_verified(engine: TlsEngine) -> bool:
+    """OpenSSL found the client's chain valid. A resumed handshake verifies no chain: the
+    verdict is the one its session kept from the full handshake (inside the ticket, so on
+    any worker); where this Python hides it, the chain counts as not verified."""
+    if engine.ssl_object.session_reused:
+        return openssl_ext.verify_result(engine.ssl_object) == openssl_ext.X509_V_OK
+    return engine.verification.verified

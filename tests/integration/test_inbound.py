@@ -582,6 +582,31 @@ def test_required_client_certificate(postfix, start_proxy, pki, tmp_path):
             assert "<~  250 2.0.0" not in result.stdout and "queued" not in result.stdout
 
 
+@pytest.mark.parametrize("version", ["-tls1_2", "-tls1_3"])
+def test_a_refused_client_certificate_stays_refused_when_its_session_resumes(
+        postfix, start_proxy, pki, tmp_path, version):
+    """A resumed handshake verifies no chain: the verdict is the one the session kept. A
+    client refused for an untrusted certificate must not come back trusted by resuming
+    the session that refused handshake gave it; a trusted one resumes trusted."""
+    stranger = Pki(tmp_path / "other").client_cert("stranger.example.test")
+    proxy = start_proxy(postfix.port, tls={"client_certificate": "require", "client_ca_file": str(pki.ca_file)})
+    for cert, trusted in ((stranger, False), (pki.client_cert("known.example.test"), True)):
+        session = tmp_path / f"{cert.cert_file.stem}{version}.pem"
+        cert_args = ["-cert", str(cert.cert_file), "-key", str(cert.key_file)]
+        first = openssl_s_client(proxy.port, args=[version, *cert_args, "-sess_out", str(session)],
+                                 input=b"EHLO client.test\r\nQUIT\r\n")
+        second = openssl_s_client(proxy.port, args=[version, "-sess_in", str(session)],
+                                  input=b"EHLO client.test\r\nQUIT\r\n")
+        assert "\nReused, TLSv1." in second.stdout, second.stdout
+        for output in (first.stdout, second.stdout):
+            if trusted:
+                assert "\n250 " in output and "421 " not in output, output
+            else:
+                assert "421 4.7.1 " in output and "\n250 " not in output, output
+    trust = [(r["peer_trust"], r["resumed"]) for r in proxy.handshakes()]
+    assert trust == [("untrusted", False), ("untrusted", True), ("trusted", False), ("trusted", True)], trust
+
+
 def test_asked_client_certificate_is_optional_and_named_in_the_trace_header(postfix, start_proxy, pki, tmp_path):
     stranger = Pki(tmp_path / "other").client_cert("stranger.example.test")
     proxy = start_proxy(postfix.port, tls={"client_certificate": "ask", "client_ca_file": str(pki.ca_file)})

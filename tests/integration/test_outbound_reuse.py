@@ -85,3 +85,20 @@ def test_a_cached_connection_closed_by_the_remote_is_replaced_and_counted_stale(
     delivered(remote, second)
     assert proxy.records("was stale", sessions=2), proxy.process.output_text()
     assert not proxy.records("TLS connection reused to", sessions=2)
+
+
+def test_the_session_still_resumes_after_the_remote_dropped_the_cached_connection(
+        remote, start_outbound, remote_pki):
+    """The remote kills the smtpd holding the cached connection (no TLS shutdown on either
+    side). OpenSSL marks the session of a connection freed that way not resumable; the
+    session smtproxy keeps is its own copy, so the next connection still resumes."""
+    proxy = start_outbound({REMOTE_DOMAIN: f"[127.0.0.1]:{remote.port}"}, default_level="encrypt",
+                           ca_file=str(remote_pki.ca_file), connection_cache_time_limit=60)
+    first, second = token(), token()
+    send(proxy, first)
+    delivered(remote, first)
+    wait_until(lambda: remote.kill_smtpd() > 0 or None, 10, "an smtpd to kill")
+    send(proxy, second)
+    delivered(remote, second)
+    established = proxy.records("TLS connection established to", sessions=2)
+    assert [r["resumed"] for r in established] == [False, True], established

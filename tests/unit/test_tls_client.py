@@ -212,10 +212,29 @@ def test_a_session_never_crosses_tls_settings(client: ClientTls, ca: trustme.CA)
         client.new_engine(TLS12, MX, session=first.ssl_object.session)
 
 
+def test_a_kept_session_resumes_after_its_connection_was_dropped_without_shutdown(
+        client: ClientTls, ca: trustme.CA) -> None:
+    """OpenSSL marks the session of an SSL freed without a TLS shutdown not resumable
+    (ssl_clear_bad_session); the kept session is a copy, so that mark never reaches it,
+    nor the one a dropped resumed connection leaves."""
+    server = server_context(ca.issue_cert(MX))
+    first = client.new_engine(MAY, MX)
+    handshake(first, server)
+    session = openssl_ext.session_of(first.ssl_object)
+    del first  # dropped, as a connection the remote closes is
+    gc.collect()
+    for _ in range(2):
+        again = client.new_engine(MAY, MX, session=session)
+        handshake(again, server)
+        assert again.ssl_object.session_reused
+        del again
+        gc.collect()
+
+
 @pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")  # a failing __del__
 def test_a_session_held_by_reference_resumes_even_after_it_is_dropped(client: ClientTls, ca: trustme.CA) -> None:
-    """`session_of` holds OpenSSL's session by reference (no DER copy on CPython 3.11);
-    the connection it is offered to keeps its own reference."""
+    """`session_of` keeps an in-memory copy of OpenSSL's session (no DER copy on CPython
+    3.11); the connection it is offered to gets a copy of its own."""
     server = server_context(ca.issue_cert(MX))
     first = client.new_engine(MAY, MX)
     handshake(first, server)
