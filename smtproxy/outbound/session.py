@@ -87,6 +87,12 @@ def recipient_domain(path: str) -> str | None:
     return domain.rstrip(".").lower()
 
 
+def _as_451(reply: Reply) -> Reply:
+    """A remote's 421 as the MTA gets it: the same text, as a transient failure of this
+    transaction only."""
+    return Reply(451, reply.lines)
+
+
 def _line(text: str) -> bytes:
     return text.encode("utf-8", "surrogateescape") + b"\r\n"
 
@@ -256,6 +262,8 @@ class OutboundSession:
             reply = await self.remote.connection.read_reply(self.settings.reply_timeout, "waiting for reply to RCPT")
         except UpstreamError as exc:
             return self._remote_lost(exc)
+        if reply.code == 421:
+            return self._remote_closing(reply)
         if reply.is_positive_completion:
             self.accepted += 1
         return reply
@@ -290,7 +298,7 @@ class OutboundSession:
         if not reply.is_positive_completion:
             settled = await self._drop_replies(remote, ahead)
             self.release(remote, settled and remote.connection.alive and reply.code != 421)
-            return reply
+            return _as_451(reply) if reply.code == 421 else reply
         self.remote = remote
         self.sent_ahead.extend(ahead)
         return None
@@ -341,6 +349,17 @@ class OutboundSession:
         if not await self._drop_replies(self.remote, commands):
             self.remote.connection.abort()  # nothing is sent: the remote delivers nothing
 
+    def _remote_closing(self, reply: Reply) -> Reply:
+        """The remote's 421 closes the remote connection, not the MTA's session: our service
+        stays up and the MTA's next transaction may go elsewhere, so the MTA gets 451 (a 421
+        would end its session, RFC 5321 3.8) for this and the transaction's later commands."""
+        assert self.remote is not None
+        self.remote.connection.abort()
+        self.remote = None
+        self.sent_ahead.clear()
+        self.remote_refusal = _as_451(reply)
+        return self.remote_refusal
+
     def _remote_lost(self, exc: UpstreamError) -> Reply:
         assert self.remote is not None
         peer = self.remote.peer
@@ -354,7 +373,9 @@ class OutboundSession:
 
     async def _data(self, command: Command) -> Reply:
         if self.remote is None:
-            return self.remote_refusal or Reply.of(554, "5.5.1", "Error: no valid recipients")
+            reply = self.remote_refusal or Reply.of(554, "5.5.1", "Error: no valid recipients")
+            self._end_transaction()
+            return reply
         remote = self.remote
         try:
             if not self._was_sent_ahead(command):
@@ -362,6 +383,8 @@ class OutboundSession:
             reply = await remote.connection.read_reply(self.settings.reply_timeout, "waiting for reply to DATA")
         except UpstreamError as exc:
             reply = self._remote_lost(exc)
+        if reply.code == 421:
+            reply = self._remote_closing(reply)
         if reply.code != 354:
             self._end_transaction()
             return reply
@@ -386,7 +409,7 @@ class OutboundSession:
                         try:
                             remote.connection.send(scan.forward + reset if scan.done else scan.forward)
                             remote.reset_sent = scan.done and bool(reset)
-                            await remote.connection.drain()
+                            await remote.connection.drain(self.settings.reply_timeout)
                         except UpstreamError as exc:
                             lost = exc
                     if scan.done:
@@ -410,6 +433,8 @@ class OutboundSession:
                 lost = exc
         if lost is not None:
             final = self._remote_lost(lost)
+        elif final.code == 421:
+            final = self._remote_closing(final)
         self._record(final, size, time.monotonic() - started, remote)
         self._end_transaction()
         return final

@@ -130,9 +130,15 @@ class UpstreamConnection(asyncio.Protocol):
         else:
             self.transport.write(data)
 
-    async def drain(self) -> None:
-        """Wait while the socket's send buffer is over its high-water mark."""
-        await self._can_write.wait()
+    async def drain(self, timeout: float) -> None:
+        """Wait while the socket's send buffer is over its high-water mark; a remote that
+        stops reading for `timeout` seconds counts as lost (Postfix: smtp_data_xfer_timeout)."""
+        if not self._can_write.is_set():
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._can_write.wait()
+            except TimeoutError:
+                raise UpstreamError("timeout sending message data") from None
         if not self.alive:
             raise UpstreamError(self._closed_reason or "lost connection")
 

@@ -16,6 +16,9 @@ _ENHANCED = re.compile(r"[245]\.[0-9]{1,3}\.[0-9]{1,3}(?= |$)")
 _CR, _SPACE, _SEPARATORS = 13, 32, b" -"
 # "ddd-text" lines, then a "ddd" or "ddd text" line; each ends in CRLF or a bare LF
 _WHOLE_REPLY = re.compile(rb"(?:[0-9]{3}-[^\r\n]*\r?\n)*[0-9]{3}(?: [^\r\n]*)?\r?\n")
+# Lines in one reply: an EHLO reply has about 20; a peer sending "250-" lines without end
+# must not hold the proxy's memory (DESIGN.md invariant 7).
+MAX_REPLY_LINES = 1000
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -118,6 +121,8 @@ class ReplyParser:
                 return None
             stop = end - 1 if end > start and buffer[end - 1] == _CR else end
             code, final, text = self._parse_line(bytes(buffer[start:stop]))
+            if len(self._lines) >= MAX_REPLY_LINES:
+                raise _bad_reply("reply too long")
             self._scanned = end + 1
             self._code = code
             self._lines.append(text)

@@ -820,3 +820,132 @@ def test_dns_timeout_becomes_4xx(start_outbound):
     assert elapsed < 10, f"the lookup took {elapsed:.1f}s with a 2s DNS timeout"
     [failed] = proxy.records("routing failed")
     assert "timeout" in failed["reason"], failed
+
+
+# --------------------------------------------------------------------------- remote misbehaviour
+
+
+@pytest.mark.parametrize("closing_at", ["RCPT", "DATA", "."])
+def test_a_remote_421_fails_the_transaction_not_the_mta_session(smtp_sink_factory, start_outbound, closing_at):
+    """smtp-sink answers 421 and closes. The MTA gets the transaction's failure as 451 (a
+    421 would end its whole session, RFC 5321 3.8: our service is still there), and the
+    same session goes on to deliver the next transaction elsewhere."""
+    closing = smtp_sink_factory(reply_421_after=[closing_at])
+    good = smtp_sink_factory(hostname="mx.good.test")
+    proxy = start_outbound({"closing.test": f"[127.0.0.1]:{closing.port}", "good.test": f"[127.0.0.1]:{good.port}"},
+                           default_level="may")
+    marker = token()
+    with open_session(proxy) as mta:
+        assert mta.command(f"MAIL FROM:<{SENDER}>").code == 250
+        replies = [mta.command("RCPT TO:<a@closing.test>"), mta.command("RCPT TO:<b@closing.test>")]
+        if closing_at == "RCPT":
+            assert [r.code for r in replies] == [451, 451], replies
+            assert mta.command("DATA").code == 503  # no recipient was accepted
+        else:
+            assert [r.code for r in replies] == [250, 250], replies
+            data = mta.command("DATA")
+            if closing_at == "DATA":
+                assert data.code == 451, data
+            else:
+                assert data.code == 354, data
+                mta.send(message(token()) + b".\r\n")
+                assert mta.read_reply().code == 451
+        assert mta.command("RSET").code == 250
+        assert relay_in_session(mta, "user@good.test", marker).code == 250
+        assert mta.command("QUIT").code == 221
+    assert any(marker.encode() in m for m in good.wait_for_messages(1))
+
+
+def relay_in_session(mta: RawSmtpClient, recipient: str, marker: str) -> Reply:
+    assert mta.command(f"MAIL FROM:<{SENDER}>").code == 250
+    assert mta.command(f"RCPT TO:<{recipient}>").code == 250
+    assert mta.command("DATA").code == 354
+    mta.send(message(marker) + b".\r\n")
+    return mta.read_reply()
+
+
+def test_after_a_remote_lost_mid_transaction_the_next_transaction_starts_afresh(
+        scripted_remote, smtp_sink_factory, start_outbound):
+    """The remote accepts RCPT a and drops the connection at RCPT b; DATA gets the 451.
+    The MTA's next transaction in the same session, without RSET, is judged on its own:
+    another domain is not told to wait for a separate transaction, and no stale 451."""
+
+    def script(c: Conversation) -> None:
+        c.send(b"220 mx.flaky.test ESMTP\r\n")
+        c.expect(b"EHLO ")
+        c.send(b"250 mx.flaky.test\r\n")  # no PIPELINING: one command at a time
+        c.expect(b"MAIL FROM:")
+        c.send(b"250 2.1.0 Ok\r\n")
+        c.expect(b"RCPT TO:")
+        c.send(b"250 2.1.5 Ok\r\n")
+        c.expect(b"RCPT TO:")
+
+    remote = scripted_remote(script)
+    good = smtp_sink_factory(hostname="mx.good.test")
+    proxy = start_outbound({"flaky.test": f"[127.0.0.1]:{remote.port}", "good.test": f"[127.0.0.1]:{good.port}"},
+                           default_level="may")
+    marker = token()
+    with open_session(proxy) as mta:
+        assert mta.command(f"MAIL FROM:<{SENDER}>").code == 250
+        assert mta.command("RCPT TO:<a@flaky.test>").code == 250
+        assert mta.command("RCPT TO:<b@flaky.test>").code == 451
+        assert mta.command("DATA").code == 451
+        assert relay_in_session(mta, "user@good.test", marker).code == 250
+    remote.join()
+    assert any(marker.encode() in m for m in good.wait_for_messages(1))
+
+
+def test_a_remote_that_stops_reading_the_message_is_dropped_after_the_reply_timeout(
+        scripted_remote, start_outbound):
+    """The remote answers 354 and then reads nothing: once the proxy's send buffer is full
+    and `reply_timeout` has passed, the MTA gets a 4xx and the remote connection is dropped
+    without a final dot (Postfix's smtp_data_xfer_timeout)."""
+    stopped = threading.Event()
+
+    def script(c: Conversation) -> None:
+        c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        c.send(b"220 mx.stuck.test ESMTP\r\n")
+        c.expect(b"EHLO ")
+        c.send(b"250 mx.stuck.test\r\n")
+        c.expect(b"MAIL FROM:")
+        c.send(b"250 2.1.0 Ok\r\n")
+        c.expect(b"RCPT TO:")
+        c.send(b"250 2.1.5 Ok\r\n")
+        c.expect(b"DATA")
+        c.send(b"354 End data with <CR><LF>.<CR><LF>\r\n")
+        stopped.wait(30)  # reads nothing more until the test is done
+
+    remote = scripted_remote(script, timeout=40)
+    proxy = start_outbound({"stuck.test": f"[127.0.0.1]:{remote.port}"}, default_level="may", reply_timeout=1,
+                           max_message_size=50_000_000)
+    with open_session(proxy) as mta:
+        assert mta.command(f"MAIL FROM:<{SENDER}>").code == 250
+        assert mta.command("RCPT TO:<user@stuck.test>").code == 250
+        assert mta.command("DATA").code == 354
+        mta.send(message(token()) + (b"y" * 998 + b"\r\n") * 20000 + b".\r\n")  # 20 MB, more than buffers hold
+        final = mta.read_reply()
+    stopped.set()
+    remote.join()
+    assert final.code == 451 and "timeout sending message data" in final.text, final
+
+
+def test_a_remote_reply_without_end_is_refused_not_buffered(scripted_remote, start_outbound):
+    """After EHLO the remote sends "250-" lines and never a last line: the proxy gives up
+    after MAX_REPLY_LINES (memory stays bounded) and the MTA gets a 4xx at once."""
+
+    def script(c: Conversation) -> None:
+        c.send(b"220 mx.endless.test ESMTP\r\n")
+        c.expect(b"EHLO ")
+        try:
+            for _ in range(5000):
+                c.send(b"250-" + b"x" * 60 + b"\r\n")
+        except OSError:
+            c.notes["dropped"] = True
+
+    remote = scripted_remote(script)
+    proxy = start_outbound({"endless.test": f"[127.0.0.1]:{remote.port}"}, default_level="may")
+    with open_session(proxy) as mta:
+        assert mta.command(f"MAIL FROM:<{SENDER}>").code == 250
+        rcpt = mta.command("RCPT TO:<user@endless.test>")
+    remote.join()
+    assert rcpt.code == 451 and "malformed reply" in rcpt.text, rcpt

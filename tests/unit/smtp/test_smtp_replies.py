@@ -178,3 +178,16 @@ def test_any_segmentation_equals_one_feed(stream, junk, cuts):
 @given(data=st.binary(max_size=200), cuts=st.lists(st.integers(0, 200), max_size=8))
 def test_arbitrary_bytes_only_raise_peer_protocol_error(data, cuts):
     parse_all(split(data, cuts), max_line=40)
+
+
+def test_a_reply_without_end_is_refused_after_max_reply_lines():
+    from smtproxy.smtp.replies import MAX_REPLY_LINES
+
+    parser = ReplyParser()
+    parser.feed(b"250-x\r\n" * (MAX_REPLY_LINES - 1) + b"250 last\r\n")
+    reply = parser.next_reply()
+    assert reply is not None and len(reply.lines) == MAX_REPLY_LINES
+    parser.feed(b"250-x\r\n" * (MAX_REPLY_LINES + 1))
+    with pytest.raises(PeerProtocolError) as info:
+        parser.next_reply()
+    assert "reply too long" in info.value.reply.text
