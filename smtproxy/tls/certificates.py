@@ -93,10 +93,13 @@ def ensure_certificate(cert_cfg, hostname: str) -> bool:
     )
     cert_file.parent.mkdir(parents=True, exist_ok=True)
     key_file.parent.mkdir(parents=True, exist_ok=True)
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
     fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as out:
-        out.write(
-            key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-        )
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        # one file for both (key_file = cert_file is allowed): key first, then the chain
+        out.write(key_pem + cert_pem if key_file.resolve() == cert_file.resolve() else key_pem)
+    if key_file.resolve() != cert_file.resolve():
+        cert_file.write_bytes(cert_pem)
     return True

@@ -469,6 +469,24 @@ def test_self_signed_only_when_both_files_are_missing(tmp_path):
                         "when both cert_file and key_file are missing")
 
 
+@pytest.mark.parametrize("key_name", ["both.key", "both.pem"], ids=["two-files", "one-file"])
+def test_a_generated_certificate_loads_from_separate_or_combined_files(tmp_path, key_name):
+    """key_file may name cert_file itself (one PEM with both): the generated key must not
+    be overwritten by the certificate."""
+    import ssl
+    import stat
+
+    from smtproxy.tls.certificates import ensure_certificate
+
+    config = parse({"inbound": {"certificates": [
+        {"cert_file": "certs/both.pem", "key_file": f"certs/{key_name}", "self_signed_if_missing": True}]}}, tmp_path)
+    [chain] = config.inbound.certificates
+    assert ensure_certificate(chain, "mx.example.test")
+    assert stat.S_IMODE(chain.key_file.stat().st_mode) == 0o600
+    ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(chain.cert_file, chain.key_file)
+    assert not ensure_certificate(chain, "mx.example.test")  # only when missing
+
+
 def test_certificate_path_is_a_directory(tmp_path):
     (tmp_path / "dir.pem").mkdir()
     touch(tmp_path / "a.key")
