@@ -79,6 +79,7 @@ class _Worker:
         self.channel: socket.socket | None = None
         self.ready = False
         self.started = 0.0
+        self.reload_pending = False  # a SIGHUP came while it was starting: sent once it is ready
 
 
 class Supervisor:
@@ -101,6 +102,7 @@ class Supervisor:
         ours.sendall(self.ticket_keys)
         ours.setblocking(False)
         worker.channel, worker.ready, worker.started = ours, False, time.monotonic()
+        worker.reload_pending = False
         asyncio.get_running_loop().create_task(self._watch(worker, worker.process, ours))
 
     async def _watch(self, worker: _Worker, process: asyncio.subprocess.Process, channel: socket.socket) -> None:
@@ -108,6 +110,8 @@ class Supervisor:
         try:
             if await loop.sock_recv(channel, 1) == READY:
                 worker.ready = True
+                if worker.reload_pending:
+                    process.send_signal(signal.SIGHUP)
                 self._changed.set()
         except OSError:
             pass
@@ -127,6 +131,17 @@ class Supervisor:
             if worker.process is not None and worker.process.returncode is None:
                 worker.process.send_signal(signum)
 
+    def _reload(self) -> None:
+        """SIGHUP to every worker. One still starting would die of it (its handler is not
+        installed yet), so it gets the signal once it reports ready."""
+        for worker in self.workers:
+            if worker.process is None or worker.process.returncode is not None:
+                continue
+            if worker.ready:
+                worker.process.send_signal(signal.SIGHUP)
+            else:
+                worker.reload_pending = True
+
     async def _wait_started(self) -> bool:
         deadline = time.monotonic() + START_TIMEOUT
         while not self._all_ready():
@@ -143,7 +158,7 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.stopping.set)
-        loop.add_signal_handler(signal.SIGHUP, self._signal, signal.SIGHUP)
+        loop.add_signal_handler(signal.SIGHUP, self._reload)
         try:
             for worker in self.workers:
                 await self._start(worker)

@@ -12,6 +12,7 @@ import re
 import signal
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -31,9 +32,7 @@ HOSTNAME = "mx.example.test"
 RECONNECTS = 12
 
 
-@pytest.fixture
-def workers(tmp_path, postfix_factory, pki):
-    legacy: PostfixInstance = postfix_factory()
+def workers_config(tmp_path, legacy: PostfixInstance, pki) -> tuple[Path, int, int]:
     cert = pki.server_cert(HOSTNAME)
     port, metrics_port = free_port(), free_port()
     config = {
@@ -45,7 +44,14 @@ def workers(tmp_path, postfix_factory, pki):
         "tlsrpt": {"socket": ""},
         "log": {"format": "json", "level": "info"},
     }
-    process = SmtproxyProcess(write_config(tmp_path / "proxy", config), args=("--workers", "2")).start()
+    return write_config(tmp_path / "proxy", config), port, metrics_port
+
+
+@pytest.fixture
+def workers(tmp_path, postfix_factory, pki):
+    legacy: PostfixInstance = postfix_factory()
+    config_path, port, metrics_port = workers_config(tmp_path, legacy, pki)
+    process = SmtproxyProcess(config_path, args=("--workers", "2")).start()
     try:
         process.wait_ready()
         yield process, port, metrics_port, legacy
@@ -126,3 +132,26 @@ def test_the_supervisor_exports_backend_up_from_its_readiness_probe(workers):
     legacy.stop()
     wait_until(lambda: readyz(metrics_port) == 503, 10, "/readyz to answer 503 without the backend")
     assert re.search(r"^smtproxy_backend_up 0\.0$", scrape(metrics_port), re.M)
+
+
+def test_a_sighup_while_workers_start_reaches_them_once_they_are_ready(tmp_path, postfix_factory, pki):
+    """A worker installs its SIGHUP handler only once it runs; the default action would
+    kill it. The supervisor holds the reload for workers still starting (here: sent as
+    soon as both worker processes exist, which is well before they are ready)."""
+    config_path, port, _ = workers_config(tmp_path, postfix_factory(), pki)
+    process = SmtproxyProcess(config_path, args=("--workers", "2")).start()
+    try:
+        children = Path(f"/proc/{process.process.pid}/task/{process.process.pid}/children")
+        wait_until(lambda: len(children.read_text().split()) == 2, 20, "two worker processes")
+        process.send_signal(signal.SIGHUP)
+        ready = process.wait_ready()
+        assert len(ready["pids"]) == 2
+        reloaded = wait_until(lambda: {r.get("worker_pid") for r in process.logs()
+                                       if r["event"] == "configuration reloaded"} >= set(ready["pids"]) or None,
+                              20, "both workers to reload")
+        assert reloaded
+        assert "Verify return code" in s_client(port, tmp_path / "after.pem", resume=False)
+        assert process.returncode is None
+    finally:
+        process.stop()
+        print(f"--- smtproxy output ---\n{process.output_text()}")
