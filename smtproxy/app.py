@@ -185,10 +185,13 @@ async def serve(config: Config, link: WorkerLink | None = None) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     current = config
+    metrics_server: MetricsServer | None = None
 
     def on_hangup() -> None:
         nonlocal current
         current = reload(current, bus, inbound, outbound, ticket_keys)
+        if metrics_server is not None:
+            metrics_server.readiness.follow(current.inbound.backend, current.inbound.backend_connect_timeout)
 
     if config.source is not None:
         loop.add_signal_handler(signal.SIGHUP, on_hangup)
@@ -198,7 +201,6 @@ async def serve(config: Config, link: WorkerLink | None = None) -> None:
             listeners.append(f"{config.metrics.listen} (metrics)")
         log.info("smtproxy ready", listeners=listeners, backend=str(config.inbound.backend))
     else:
-        metrics_server = None
         watch_gauges(metrics, inbound, outbound)
         refresher = loop.create_task(_refresh_gauges(metrics))
         link.on_supervisor_gone(stop.set)

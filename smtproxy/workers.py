@@ -24,7 +24,7 @@ import time
 import structlog
 from prometheus_client import CollectorRegistry, multiprocess
 
-from smtproxy.config import Config
+from smtproxy.config import Config, ConfigError, load_config
 from smtproxy.telemetry.http import MetricsServer, Readiness
 from smtproxy.telemetry.metrics import MULTIPROCESS_DIR_VARIABLE, watch_backend
 from smtproxy.tls.openssl_ext import TICKET_KEYS_LENGTH
@@ -91,8 +91,10 @@ class Supervisor:
         self.metrics_dir = tempfile.mkdtemp(prefix="smtproxy-metrics-")
         self.stopping = asyncio.Event()
         self._changed = asyncio.Event()
+        self._readiness: Readiness | None = None
 
     async def _start(self, worker: _Worker) -> None:
+        worker.reload_pending = False  # it reads the file as it starts (a SIGHUP from now on is pending)
         ours, theirs = socket.socketpair()
         env = {**os.environ, MULTIPROCESS_DIR_VARIABLE: self.metrics_dir}
         worker.process = await asyncio.create_subprocess_exec(
@@ -102,7 +104,6 @@ class Supervisor:
         ours.sendall(self.ticket_keys)
         ours.setblocking(False)
         worker.channel, worker.ready, worker.started = ours, False, time.monotonic()
-        worker.reload_pending = False
         asyncio.get_running_loop().create_task(self._watch(worker, worker.process, ours))
 
     async def _watch(self, worker: _Worker, process: asyncio.subprocess.Process, channel: socket.socket) -> None:
@@ -133,14 +134,22 @@ class Supervisor:
 
     def _reload(self) -> None:
         """SIGHUP to every worker. One still starting would die of it (its handler is not
-        installed yet), so it gets the signal once it reports ready."""
+        installed yet), so it gets the signal once it reports ready. The supervisor reads
+        the file too, for the backend its /readyz probes (the workers judge and report a
+        broken file themselves)."""
+        try:
+            self.config = load_config(self.config.source)
+        except ConfigError:
+            pass
+        else:
+            if self._readiness is not None:
+                inbound = self.config.inbound
+                self._readiness.follow(inbound.backend, inbound.backend_connect_timeout)
         for worker in self.workers:
-            if worker.process is None or worker.process.returncode is not None:
-                continue
-            if worker.ready:
+            if worker.ready and worker.process is not None and worker.process.returncode is None:
                 worker.process.send_signal(signal.SIGHUP)
             else:
-                worker.reload_pending = True
+                worker.reload_pending = True  # still being started: told once it is ready
 
     async def _wait_started(self) -> bool:
         deadline = time.monotonic() + START_TIMEOUT
@@ -203,8 +212,8 @@ class Supervisor:
         multiprocess.MultiProcessCollector(registry, path=self.metrics_dir)
         inbound = self.config.inbound
         backend = inbound.backend if inbound.listen or inbound.implicit_tls_listen else None
-        readiness = Readiness(lambda: self._all_ready() and not self.stopping.is_set(), backend,
-                              inbound.backend_connect_timeout)
+        readiness = self._readiness = Readiness(lambda: self._all_ready() and not self.stopping.is_set(), backend,
+                                                inbound.backend_connect_timeout)
         if backend is not None:
             watch_backend(registry, lambda: readiness.backend_up)
         server = MetricsServer(registry, readiness)

@@ -35,6 +35,11 @@ class Readiness:
         self._probed_at: float | None = None
         self._lock = asyncio.Lock()
 
+    def follow(self, backend: Address | None, timeout: float) -> None:
+        """A reload changed the backend: probe the new one (the next check does)."""
+        if self.backend is not None:
+            self.backend, self.timeout, self._probed_at = backend, timeout, None
+
     async def check(self) -> str | None:
         """None when ready, else why not."""
         if not self.listening():

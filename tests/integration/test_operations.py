@@ -11,6 +11,8 @@ import re
 import signal
 import socket
 import time
+import urllib.error
+import urllib.request
 
 import pytest
 
@@ -175,6 +177,30 @@ def test_a_broken_config_on_sighup_leaves_the_old_one_serving(legacy, started, p
         client.starttls(pki.client_context(), server_hostname=HOSTNAME)
         assert fingerprint(client.tls.getpeercert(binary_form=True)) == cert.fingerprint
     assert proxy.returncode is None
+
+
+def readyz(metrics_port: int) -> int:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/readyz", timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def test_after_a_reload_readyz_probes_the_new_backend(legacy, started, pki):
+    """A reload that points the proxy at another backend moves /readyz with it: a backend
+    that refuses connections makes the pod unready, as it makes every client get 421."""
+    port, metrics_port = free_port(), free_port()
+    config = inbound_config(legacy, port, pki.server_cert(HOSTNAME))
+    config["metrics"] = {"listen": f"127.0.0.1:{metrics_port}"}
+    proxy = started(config)
+    assert readyz(metrics_port) == 200
+    gone = free_port()  # nothing listens there
+    proxy.config_path.write_text(proxy.config_path.read_text().replace(f"127.0.0.1:{legacy.port}", f"127.0.0.1:{gone}"))
+    after = len(proxy.logs())
+    proxy.send_signal(signal.SIGHUP)
+    proxy.wait_for_log("configuration reloaded", after=after)
+    wait_until(lambda: readyz(metrics_port) == 503, 10, "/readyz to follow the new backend")
 
 
 # ----------------------------------------------------------------------- SIGHUP outbound

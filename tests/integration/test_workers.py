@@ -155,3 +155,18 @@ def test_a_sighup_while_workers_start_reaches_them_once_they_are_ready(tmp_path,
     finally:
         process.stop()
         print(f"--- smtproxy output ---\n{process.output_text()}")
+
+
+def test_after_a_reload_the_supervisor_probes_the_new_backend(workers):
+    """The supervisor answers /readyz for the workers: a reload that moves the backend
+    moves its probe too."""
+    process, _, metrics_port, legacy = workers
+    assert readyz(metrics_port) == 200
+    gone = free_port()
+    process.config_path.write_text(process.config_path.read_text().replace(f":{legacy.port}", f":{gone}"))
+    ready = process.wait_for_log("smtproxy ready")
+    process.send_signal(signal.SIGHUP)
+    wait_until(lambda: {r.get("worker_pid") for r in process.logs()
+                        if r["event"] == "configuration reloaded"} >= set(ready["pids"]) or None,
+               20, "both workers to reload")
+    wait_until(lambda: readyz(metrics_port) == 503, 10, "/readyz to follow the new backend")
