@@ -115,6 +115,10 @@ def reload(config: Config, bus: EventBus, inbound: InboundServer, outbound: Outb
     except (ConfigError, StartupError) as exc:
         log.error(f"reload refused, the running configuration stays: {exc}", config=str(config.source))
         return config
+    if server_tls is None and inbound.config.implicit_tls_listen:
+        log.error("reload refused, the running configuration stays: inbound.certificates: none, but the running "
+                  "implicit-TLS listener needs one (listeners change on restart only)", config=str(config.source))
+        return config
     restart_only = [name for name in ("inbound.listen", "inbound.implicit_tls_listen", "outbound.listen",
                                       "outbound.mode", "metrics", "tlsrpt", "log")
                     if _section(new, name) != _section(config, name)]

@@ -13,6 +13,7 @@ import socket
 import time
 import urllib.error
 import urllib.request
+import uuid
 
 import pytest
 
@@ -23,6 +24,7 @@ from tests.integration.peers import (
     SmtproxyProcess,
     free_port,
     postfix_tls_server_params,
+    run_swaks,
     wait_until,
     write_config,
 )
@@ -177,6 +179,28 @@ def test_a_broken_config_on_sighup_leaves_the_old_one_serving(legacy, started, p
         client.starttls(pki.client_context(), server_hostname=HOSTNAME)
         assert fingerprint(client.tls.getpeercert(binary_form=True)) == cert.fingerprint
     assert proxy.returncode is None
+
+
+def test_a_reload_that_drops_the_certificates_under_a_running_implicit_tls_listener_is_refused(
+        legacy, started, pki):
+    """Listeners change on restart only, so the implicit-TLS listener still runs: a reload
+    that leaves it without a certificate is refused, and TLS from the first byte still
+    works (the review saw every such connection hang and leak)."""
+    port, tls_port = free_port(), free_port()
+    config = inbound_config(legacy, port, pki.server_cert(HOSTNAME), implicit_tls_listen=[f"127.0.0.1:{tls_port}"])
+    proxy = started(config)
+    write_config(proxy.config_path.parent, {**config, "inbound": {
+        **config["inbound"], "certificates": [], "implicit_tls_listen": [], "security_level": "none"}},
+        name=proxy.config_path.name)
+    after = len(proxy.logs())
+    proxy.send_signal(signal.SIGHUP)
+    refused = proxy.wait_for_log("reload refused", after=after)
+    assert "implicit-TLS listener needs one" in refused["event"], refused
+    marker = uuid.uuid4().hex
+    result = run_swaks("--server", f"127.0.0.1:{tls_port}", "--tls-on-connect", "--to", "user@example.test",
+                       "--header", f"Subject: {marker}")
+    assert result.returncode == 0, result.stdout
+    wait_until(lambda: any(marker.encode() in m for m in legacy.messages()), 20, "the message at Postfix")
 
 
 def readyz(metrics_port: int) -> int:
