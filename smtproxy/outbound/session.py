@@ -29,6 +29,7 @@ from smtproxy.outbound.connector import DeliveryFailure, RemoteSession
 from smtproxy.outbound.upstream import UpstreamError
 from smtproxy.smtp import (
     LINE_TOO_LONG,
+    ChunkReader,
     Command,
     DataError,
     DataScanner,
@@ -37,6 +38,7 @@ from smtproxy.smtp import (
     Reply,
     ServerSession,
     SessionPolicy,
+    parse_bdat,
     parse_command,
     parse_mail_from,
     parse_rcpt_to,
@@ -169,6 +171,22 @@ class OutboundSession:
             self.writer.write(b"".join(self._replies))
         self._replies.clear()
 
+    async def _discard_chunk(self, bdat: Command) -> bool:
+        """The payload of a refused BDAT (CHUNKING is not offered) is read and dropped,
+        never taken for commands; False when it has no size, so nothing after it can be
+        framed."""
+        try:
+            size, _ = parse_bdat(bdat.arg)
+        except PeerProtocolError:
+            return False
+        chunk, data = ChunkReader(size), self.lines.take_buffer()
+        while True:
+            _, rest, done = chunk.feed(data)
+            if done:
+                self.lines.feed(rest)
+                return True
+            data = await self._read()
+
     async def _next_command_line(self) -> bytes | object:
         while True:
             line = self.lines.next_line()
@@ -197,6 +215,8 @@ class OutboundSession:
                 if refusal is not None:
                     self._write(refusal)
                     if refusal.code == 221:
+                        break
+                    if command.verb == "BDAT" and not await self._discard_chunk(command):
                         break
                     continue
                 reply = await self._handle(command)

@@ -949,3 +949,17 @@ def test_a_remote_reply_without_end_is_refused_not_buffered(scripted_remote, sta
         rcpt = mta.command("RCPT TO:<user@endless.test>")
     remote.join()
     assert rcpt.code == 451 and "malformed reply" in rcpt.text, rcpt
+
+
+def test_a_refused_bdat_payload_is_dropped_not_read_as_commands(smtp_sink, start_outbound):
+    """CHUNKING is not offered, so BDAT gets 502; its payload (here SMTP commands) is
+    still read and dropped, as RFC 3030 frames it, and never answered as commands."""
+    proxy = start_outbound({"sink.test": f"[127.0.0.1]:{smtp_sink.port}"}, default_level="may")
+    payload = f"MAIL FROM:<{SENDER}>\r\nRCPT TO:<user@sink.test>\r\n".encode()
+    with open_session(proxy) as mta:
+        mta.send(f"BDAT {len(payload)} LAST\r\n".encode() + payload + b"NOOP\r\n")
+        assert mta.read_reply().code == 502
+        noop = mta.read_reply()
+        assert noop.code == 250 and "2.0.0 Ok" in noop.text, noop
+        assert mta.command("RCPT TO:<user@sink.test>").code == 503  # no MAIL was taken from the payload
+        assert mta.command("QUIT").code == 221
