@@ -33,7 +33,12 @@ log = structlog.get_logger("smtproxy")
 
 READY = b"R"
 START_TIMEOUT = 30.0
-RESTART_DELAY = 1.0  # a worker that keeps dying is restarted at most once a second
+# A worker that dies within STABLE_UPTIME of its start is restarted after RESTART_DELAY,
+# doubled for each such death in a row up to MAX_RESTART_DELAY (Postfix's master throttles a
+# crashing service for 60 s): a broken config file on disk must not become a busy loop.
+RESTART_DELAY = 1.0
+MAX_RESTART_DELAY = 60.0
+STABLE_UPTIME = 60.0
 
 
 class WorkerLink:
@@ -80,6 +85,7 @@ class _Worker:
         self.ready = False
         self.started = 0.0
         self.reload_pending = False  # a SIGHUP came while it was starting: sent once it is ready
+        self.quick_deaths = 0  # deaths in a row within STABLE_UPTIME of the start
 
 
 class Supervisor:
@@ -198,10 +204,14 @@ class Supervisor:
             for worker in self.workers:
                 if self.stopping.is_set() or worker.process is None or worker.process.returncode is None:
                     continue
-                delay = RESTART_DELAY - (time.monotonic() - worker.started)
-                if delay > 0:
-                    await asyncio.sleep(delay)  # crash-loop brake, not synchronisation
-                log.warning("restarting worker", worker=worker.index)
+                quick = time.monotonic() - worker.started < STABLE_UPTIME
+                worker.quick_deaths = worker.quick_deaths + 1 if quick else 0
+                delay = min(MAX_RESTART_DELAY, RESTART_DELAY * 2 ** (worker.quick_deaths - 1)) if quick else 0.0
+                log.warning("restarting worker", worker=worker.index, after=delay)
+                if delay:  # crash-loop brake, not synchronisation; a stop ends it
+                    await asyncio.wait({stop}, timeout=delay)
+                    if self.stopping.is_set():
+                        break
                 await self._start(worker)
 
     async def _serve_metrics(self) -> MetricsServer | None:

@@ -170,3 +170,24 @@ def test_after_a_reload_the_supervisor_probes_the_new_backend(workers):
                         if r["event"] == "configuration reloaded"} >= set(ready["pids"]) or None,
                20, "both workers to reload")
     wait_until(lambda: readyz(metrics_port) == 503, 10, "/readyz to follow the new backend")
+
+
+def test_a_worker_that_cannot_start_is_restarted_ever_more_slowly(workers, tmp_path):
+    """The config file on disk is broken and a worker dies: each restart fails at once, and
+    the supervisor waits 1, 2, 4 s before the next (no busy loop); once the file is fixed,
+    the next restart brings the worker back."""
+    process, port, _, _ = workers
+    ready = process.wait_for_log("smtproxy ready")
+    good = process.config_path.read_text()
+    process.config_path.write_text(good + "\n[bogus]\nkey = 1\n")
+    os.kill(ready["pids"][0], signal.SIGKILL)
+
+    def restarts(count: int) -> list[float] | None:
+        found = [r["after"] for r in process.logs() if r["event"] == "restarting worker"]
+        return found if len(found) >= count else None
+
+    assert wait_until(lambda: restarts(3), 20, "three restarts")[:3] == [1.0, 2.0, 4.0]
+    process.config_path.write_text(good)
+    process.wait_for_log(lambda r: r["event"] == "worker ready" and r.get("worker_pid") not in ready["pids"],
+                         timeout=30)
+    assert "Verify return code" in s_client(port, tmp_path / "after.pem", resume=False)
