@@ -11,7 +11,7 @@ from collections.abc import Callable
 import structlog
 import uvloop
 
-from smtproxy.config import Config, ConfigError, load_config
+from smtproxy.config import Config, ConfigError, certificate_problem, load_config
 from smtproxy.events import Direction, EventBus
 from smtproxy.inbound.server import InboundServer
 from smtproxy.outbound.connector import ConnectSettings, Connector
@@ -43,7 +43,12 @@ def generate_missing_certificates(config: Config) -> None:
     """`self_signed_if_missing` chains whose files are both missing get a new certificate."""
     inbound = config.inbound
     for index, certificate in enumerate(inbound.certificates):
-        if ensure_certificate(certificate, inbound.hostname):
+        try:
+            generated = ensure_certificate(certificate, inbound.hostname)
+        except OSError as exc:
+            raise StartupError(f"inbound.certificates[{index}]: cannot write a self-signed certificate "
+                               f"({certificate.cert_file}, {certificate.key_file}): {exc.strerror or exc}") from exc
+        if generated:
             log.warning(
                 "generated a self-signed certificate",
                 key=f"inbound.certificates[{index}]",
@@ -57,6 +62,9 @@ def build_server_tls(config: Config, ticket_keys: bytes | None = None) -> Server
     if not inbound.certificates:
         return None
     generate_missing_certificates(config)
+    problem = certificate_problem(config)
+    if problem is not None:
+        raise StartupError(problem)
     try:
         return ServerTls(inbound.tls, inbound.certificates, ticket_keys)
     except (OSError, ValueError) as exc:
@@ -251,7 +259,7 @@ def run(config: Config, workers: int = 1, worker_fd: int | None = None) -> int:
             return uvloop.run(Supervisor(config, workers).run())
         else:
             uvloop.run(serve(config))
-    except StartupError as exc:
+    except (StartupError, ConfigError) as exc:  # ConfigError: what only start-up finds (no resolver)
         log.error(str(exc))
         return 1
     finally:

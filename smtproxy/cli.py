@@ -7,7 +7,14 @@ import sys
 from pathlib import Path
 
 from smtproxy import __version__
-from smtproxy.config import OUTBOUND_LEVELS, ConfigError, load_config, parse_config, render_config
+from smtproxy.config import (
+    OUTBOUND_LEVELS,
+    ConfigError,
+    certificate_problem,
+    load_config,
+    parse_config,
+    render_config,
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -59,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"smtproxy: {args.config}: {exc}", file=sys.stderr)
         return 2
     if args.command == "check":
-        problem = _table_problem(config)
+        problem = _table_problem(config) or certificate_problem(config)
         if problem is not None:
             print(f"smtproxy: {problem}", file=sys.stderr)
             return 2

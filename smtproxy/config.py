@@ -511,6 +511,24 @@ class CertificateConfig:
             _check_file(getattr(self, name), f"{key}.{name}", allowed)
 
 
+def certificate_problem(config: Config) -> str | None:
+    """The first inbound chain OpenSSL cannot load (garbage, or a key that is not the
+    certificate's), as one line naming the entry and both files; None: all load. Run where
+    the files are about to be used: at start after generating missing ones, and by `check`."""
+    for index, chain in enumerate(config.inbound.certificates):
+        if chain.self_signed_if_missing and not chain.cert_file.exists() and not chain.key_file.exists():
+            continue  # generated on start
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(chain.cert_file, chain.key_file)
+        except (OSError, ssl.SSLError) as exc:
+            reason = re.sub(r" \(_ssl\.c:\d+\)$", "", str(exc))
+            return str(ConfigError(
+                f"inbound.certificates[{index}].cert_file", str(chain.cert_file),
+                f"a PEM certificate chain whose first certificate matches the PEM private key in key_file "
+                f"({chain.key_file})", problem=f"cannot load it: {reason}"))
+    return None
+
+
 @dataclasses.dataclass(frozen=True)
 class InboundTlsConfig:
     """`[inbound.tls]`: the server side of STARTTLS and implicit TLS."""

@@ -181,7 +181,12 @@ class Supervisor:
                 log.error("a worker did not start; stopping")
                 await self._stop_workers()
                 return 1
-            metrics_server = await self._serve_metrics()
+            try:
+                metrics_server = await self._serve_metrics()
+            except OSError as exc:  # as a single process words it
+                log.error(f"metrics.listen: cannot bind: {exc}")
+                await self._stop_workers()
+                return 1
             log.info("smtproxy ready", workers=len(self.workers), pids=[w.process.pid for w in self.workers],
                      backend=str(self.config.inbound.backend))
             await self._keep_running()

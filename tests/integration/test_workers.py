@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -191,3 +192,16 @@ def test_a_worker_that_cannot_start_is_restarted_ever_more_slowly(workers, tmp_p
     process.wait_for_log(lambda r: r["event"] == "worker ready" and r.get("worker_pid") not in ready["pids"],
                          timeout=30)
     assert "Verify return code" in s_client(port, tmp_path / "after.pem", resume=False)
+
+
+def test_a_metrics_port_in_use_is_one_line_and_exit_1_with_workers_too(tmp_path, postfix_factory, pki):
+    config_path, _, metrics_port = workers_config(tmp_path, postfix_factory(), pki)
+    with socket.create_server(("127.0.0.1", metrics_port)):
+        process = SmtproxyProcess(config_path, args=("--workers", "2")).start()
+        try:
+            assert process.process.wait(60) == 1
+        finally:
+            process.stop()
+    errors = [r for r in process.logs() if r.get("level") == "error"]
+    assert any(r["event"].startswith("metrics.listen: cannot bind: ") for r in errors), process.output_text()
+    assert "Traceback" not in process.output_text()

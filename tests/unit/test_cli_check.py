@@ -35,3 +35,40 @@ def test_check_passes_good_tables(tmp_path, capsys):
     (tmp_path / "smtproxy.toml").write_text(CONFIG)
     assert main(["check", "--config", str(tmp_path / "smtproxy.toml")]) == 0
     assert 'policy_file = "' in capsys.readouterr().out
+
+
+def _certificate_config(tmp_path, cert: str, key: str) -> str:
+    (tmp_path / "smtproxy.toml").write_text(
+        f'[inbound]\nlisten = []\nimplicit_tls_listen = []\n[[inbound.certificates]]\ncert_file = "{cert}"\n'
+        f'key_file = "{key}"\n[outbound]\nlisten = []\n')
+    return str(tmp_path / "smtproxy.toml")
+
+
+@pytest.mark.parametrize("case", ["empty files", "key of another certificate"])
+def test_check_loads_the_certificates_and_names_the_entry(tmp_path, capsys, case):
+    """An unloadable chain is found by `check` (and at start), named by its entry and both
+    files, not as OpenSSL's bare 'PEM lib'."""
+    import trustme
+
+    ca = trustme.CA()
+    mine, other = ca.issue_cert("mx.example.test"), ca.issue_cert("other.example.test")
+    if case == "empty files":
+        (tmp_path / "tls.crt").write_text("")
+        (tmp_path / "tls.key").write_text("")
+    else:
+        mine.cert_chain_pems[0].write_to_path(str(tmp_path / "tls.crt"))
+        other.private_key_pem.write_to_path(str(tmp_path / "tls.key"))
+    assert main(["check", "--config", _certificate_config(tmp_path, "tls.crt", "tls.key")]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.strip().splitlines()) == 1, err
+    assert f'inbound.certificates[0].cert_file = "{tmp_path}/tls.crt": cannot load it: ' in err, err
+    assert f"key_file ({tmp_path}/tls.key)" in err, err
+
+
+def test_check_passes_a_matching_chain_and_key(tmp_path, capsys):
+    import trustme
+
+    cert = trustme.CA().issue_cert("mx.example.test")
+    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "tls.crt"))
+    cert.private_key_pem.write_to_path(str(tmp_path / "tls.key"))
+    assert main(["check", "--config", _certificate_config(tmp_path, "tls.crt", "tls.key")]) == 0

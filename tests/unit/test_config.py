@@ -487,6 +487,18 @@ def test_a_generated_certificate_loads_from_separate_or_combined_files(tmp_path,
     assert not ensure_certificate(chain, "mx.example.test")  # only when missing
 
 
+def test_a_certificate_that_cannot_be_written_is_a_one_line_startup_error(tmp_path):
+    from smtproxy.app import StartupError, generate_missing_certificates
+
+    (tmp_path / "afile").write_text("not a directory")
+    config = parse({"inbound": {"certificates": [
+        {"cert_file": "afile/c.pem", "key_file": "afile/c.key", "self_signed_if_missing": True}]}}, tmp_path)
+    with pytest.raises(StartupError) as info:
+        generate_missing_certificates(config)
+    assert str(info.value).startswith(f"inbound.certificates[0]: cannot write a self-signed certificate "
+                                      f"({tmp_path}/afile/c.pem, {tmp_path}/afile/c.key): "), info.value
+
+
 def test_certificate_path_is_a_directory(tmp_path):
     (tmp_path / "dir.pem").mkdir()
     touch(tmp_path / "a.key")
