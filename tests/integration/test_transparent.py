@@ -254,6 +254,8 @@ def test_redirected_connection_is_delivered_to_its_original_destination(setup: S
     # smtproxy received it (the MTA was redirected) and read the original destination
     [connect] = _connects(setup, after)
     assert connect["original_destination"] == [remote, 25], connect
+    # (the log line may be read a moment after smtp-source has its reply)
+    setup.proxy.wait_for_log(lambda r: r["event"] == "message relayed", after=after)
     relayed = [r for r in setup.proxy.logs()[after:] if r["event"] == "message relayed"]
     assert [(r["result"], r["relay"]) for r in relayed] == [("accepted", f"{remote}[{remote}]:25")], relayed
     # the sink's client was smtproxy (its EHLO name), not smtp-source: had the REDIRECT not
