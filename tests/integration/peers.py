@@ -51,16 +51,29 @@ T = TypeVar("T")
 # --------------------------------------------------------------------------- waiting
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now.
+    """A TCP port on 127.0.0.1 that nothing listens on right now, and that this test run
+    has not handed out before.
 
     The kernel picks it (bind to port 0); the socket is closed before returning, so a
     program started next can bind it. Another process could take it in between; the
-    kernel picks from a large range, so that is rare on a test machine.
+    kernel picks from a large range, so that is rare on a test machine. The kernel may
+    well pick the same port for two calls in a row (nothing bound it in between), so
+    ports already handed out are skipped: `port, tls_port = free_port(), free_port()`
+    once got one port twice.
     """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((LOOPBACK, 0))
-        return sock.getsockname()[1]
+    if len(_handed_out) > 10000:  # far more than a run uses; the ephemeral range is ~28,000
+        _handed_out.clear()
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((LOOPBACK, 0))
+            port = sock.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 def wait_until(
