@@ -22,7 +22,7 @@ def _peer_key(engine: TlsEngine) -> tuple[str, str | None] | None:
 
 
 def _signature(
-    scheme: int | None, key: tuple[str, str | None] | None
+    scheme: int | None, key: tuple[str, str | None] | None, protocol: str | None
 ) -> tuple[str | None, str | None, str | None]:
     """(word, detail, digest): from the scheme when a signature was made, else the key."""
     if scheme is not None and scheme in SIGNATURE_SCHEMES:
@@ -30,7 +30,10 @@ def _signature(
         detail = key[1] if key and key[0] == _FAMILY_OF_WORD[word] else None
         return word, detail, digest
     if key is not None:  # resumed: no signature, but Postfix still names the key
-        return _WORD_OF_FAMILY.get(key[0], key[0]), key[1], None
+        word = _WORD_OF_FAMILY.get(key[0], key[0])
+        if word == "RSA" and protocol == "TLSv1.3":
+            word = "RSA-PSS"  # the only way TLS 1.3 signs with an RSA key; Postfix says so too
+        return word, key[1], None
     return None, None, None
 
 
@@ -60,11 +63,12 @@ def build_facts(
         return family, local_key_detail(family)
 
     if engine.server_side:
-        server = _signature(seen.server_scheme, local_key(seen.server_scheme))
-        client = _signature(seen.client_scheme, peer_key) if seen.client_scheme else (None, None, None)
+        server = _signature(seen.server_scheme, local_key(seen.server_scheme), protocol)
+        client = _signature(seen.client_scheme, peer_key, protocol) if seen.client_scheme else (None, None, None)
     else:
-        server = _signature(seen.server_scheme, peer_key)
-        client = _signature(seen.client_scheme, local_key(seen.client_scheme)) if seen.client_scheme else (None, None, None)
+        server = _signature(seen.server_scheme, peer_key, protocol)
+        client = (_signature(seen.client_scheme, local_key(seen.client_scheme), protocol) if seen.client_scheme
+                  else (None, None, None))
     return HandshakeFacts(
         direction=direction,
         peer_name=peer_name,

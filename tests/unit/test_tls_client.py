@@ -278,3 +278,26 @@ def test_chain_verdicts_forget_the_oldest_certificate() -> None:
     verdicts.remember(b"second", [])
     assert verdicts.recall(b"second") == ()
     assert verdicts.recall(b"first") == (UNKNOWN_RESUMED_CHAIN,)
+
+
+def test_a_resumed_tls13_session_names_an_rsa_server_key_rsa_pss_as_postfix_does(tmp_path: Path) -> None:
+    """No signature is made on resumption, so the server key is named from its
+    certificate; in TLS 1.3 an RSA key only ever signs with RSA-PSS, and Postfix's
+    tls_misc.c words it that way (posttls-finger -r 1 shows it)."""
+    from smtproxy.events import Direction, PeerTrust
+    from smtproxy.tls.facts import build_facts
+
+    rsa_ca = trustme.CA(key_type=trustme.KeyType.RSA)
+    rsa_ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    client = ClientTls(OutboundTlsConfig(), tmp_path / "ca.pem")
+    server = server_context(rsa_ca.issue_cert(MX, key_type=trustme.KeyType.RSA))
+    first = client.new_engine(MAY, MX)
+    handshake(first, server)
+    second = client.new_engine(MAY, MX, session=openssl_ext.session_of(first.ssl_object))
+    handshake(second, server)
+    assert second.ssl_object.session_reused
+    facts = [build_facts(engine, direction=Direction.OUTBOUND, peer_name=MX, peer_addr="192.0.2.1", peer_port=25,
+                         duration=0.0, peer_trust=PeerTrust.VERIFIED, peer_certificate=None)
+             for engine in (first, second)]
+    assert [(f.server_signature, f.server_signature_detail) for f in facts] == [
+        ("RSA-PSS", "2048 bits"), ("RSA-PSS", "2048 bits")], facts
