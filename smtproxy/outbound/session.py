@@ -83,10 +83,12 @@ class MtaGone(Exception):
 
 
 def recipient_domain(path: str) -> str | None:
+    """The domain part, or an address literal (`[192.0.2.1]`, RFC 5321 4.1.3: the router
+    delivers to it, or refuses a malformed one)."""
     local, at, domain = path.rpartition("@")
-    if not at or not local or not domain or domain.startswith("["):
+    if not at or not local or not domain:
         return None
-    return domain.rstrip(".").lower()
+    return domain.lower() if domain.startswith("[") else domain.rstrip(".").lower()
 
 
 def _as_451(reply: Reply) -> Reply:

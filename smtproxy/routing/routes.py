@@ -35,8 +35,8 @@ from smtproxy import tables
 from smtproxy.tables import TableError, is_domain, read_table
 
 ENTRY_ALLOWED = (
-    "domain, .domain or * followed by a nexthop: [192.0.2.1]:25, [host], host, host:port, "
-    "smtp:nexthop, or smtp: / : for default routing"
+    "domain, .domain or * followed by a nexthop: [192.0.2.1]:25, [host], host.example, host:port, "
+    "smtp:nexthop, or smtp / smtp: / : for default routing"
 )
 _IPV6_PREFIX = "ipv6:"
 
@@ -117,9 +117,10 @@ def _parse_result(result: str, source: str) -> Route | None:
     if address_literal(f"[{result}]") is not None:
         raise ValueError("an IP address needs brackets: [192.0.2.1], [2001:db8::1]")
     transport, colon, nexthop = result.partition(":")
-    if result.startswith("[") or not colon or "." in transport:
-        nexthop = result  # a bare nexthop: [host]:port, host, host.example:port
+    if result.startswith("[") or "." in transport:
+        nexthop = result  # a bare nexthop: [host]:port, host.example, host.example:port
     elif transport not in ("", "smtp"):
+        # Postfix reads a value without ":" as a transport name: "smtp" alone is default routing
         raise ValueError(f"transport {transport} is not supported; only smtp is")
     return _parse_nexthop(nexthop, source) if nexthop else None
 

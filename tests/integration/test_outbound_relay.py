@@ -963,3 +963,16 @@ def test_a_refused_bdat_payload_is_dropped_not_read_as_commands(smtp_sink, start
         assert noop.code == 250 and "2.0.0 Ok" in noop.text, noop
         assert mta.command("RCPT TO:<user@sink.test>").code == 503  # no MAIL was taken from the payload
         assert mta.command("QUIT").code == 221
+
+
+def test_a_recipient_at_an_address_literal_is_delivered_there(smtp_sink, start_outbound):
+    """user@[127.0.0.1] (RFC 5321 4.1.3): no MX lookup, the address itself on the default
+    port; a malformed literal is refused by the router, not as bad syntax."""
+    proxy = start_outbound({}, default_level="may", port=smtp_sink.port)
+    marker = token()
+    with open_session(proxy) as mta:
+        assert relay_in_session(mta, "user@[127.0.0.1]", marker).code == 250
+        assert mta.command(f"MAIL FROM:<{SENDER}>").code == 250
+        refused = mta.command("RCPT TO:<user@[not.an.address]>")
+        assert refused.code == 550 and "invalid address literal" in refused.text, refused
+    assert any(marker.encode() in m for m in smtp_sink.wait_for_messages(1))

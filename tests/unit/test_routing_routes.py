@@ -37,7 +37,7 @@ def test_nexthop_forms(result, nexthop, host, port, mx_lookup):
     assert route_of(result) == Route(nexthop, host, port, mx_lookup, "routes:1")
 
 
-@pytest.mark.parametrize("result", [":", "smtp:", "SMTP:"])
+@pytest.mark.parametrize("result", [":", "smtp:", "SMTP:", "smtp"])  # "smtp": Postfix's transport name alone
 def test_empty_nexthop_means_default_routing(result):
     assert route_of(result.lower()) is None
 
@@ -126,6 +126,7 @@ def test_load_of_a_file_that_is_not_utf8_names_the_line(tmp_path: Path):
         ("example.com error:mail for example.com is undeliverable", "routes line 1", "one nexthop per entry"),
         ("example.com error:nope", "routes line 1", "transport error is not supported; only smtp is"),
         ("example.com local:", "routes line 1", "transport local is not supported"),
+        ("example.com relay", "routes line 1", "transport relay is not supported"),  # not a host "relay"
         ("example.com relay:[192.0.2.1]", "routes line 1", "transport relay is not supported"),
         ("example.com lmtp:unix:/run/lmtp", "routes line 1", "transport lmtp is not supported"),
         ("user@example.com [192.0.2.1]", "routes line 1", "per-address entries are not supported"),
