@@ -70,9 +70,12 @@ def received_header(
 
     ``tls_clauses`` are the parenthesised comments from `tls.wording.received_clause`,
     each on its own folded line.  The HELO name is client-controlled, so it is reduced to
-    characters that cannot break the header.
+    characters that cannot break the header: printable ASCII without parentheses and
+    backslashes, anything else as "?" (as Postfix's printable() does), at most 255 of them,
+    so the line stays short (RFC 5322 2.1.1) and 7-bit.
     """
-    safe_helo = "".join(c for c in (helo or "unknown") if c.isprintable() and c not in "()\\")
+    safe_helo = "".join(c if c.isascii() else "?" for c in (helo or "unknown")
+                        if (c.isprintable() or not c.isascii()) and c not in "()\\")
     ip = _unmapped(client_addr)
     shown = f"IPv6:{ip}" if ip.version == 6 else str(ip)
     lines = [f"Received: from {safe_helo[:255] or 'unknown'} (unknown [{shown}])"]

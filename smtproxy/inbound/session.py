@@ -207,6 +207,7 @@ class InboundSession:
         self._bdat_refusal: Reply | None = None  # a chunk of this message was refused: so are the rest
         self._message_started = 0.0
         self._helo: str | None = None
+        self._helo_verb: str | None = None  # EHLO or HELO, whichever the client greeted with
         self._tls_clauses: tuple[str, ...] = ()
         self.tls_active = False
         self.messages = 0
@@ -285,7 +286,7 @@ class InboundSession:
         self.tls_active = True
         self._tls_clauses = tls_clauses
         self.smtp.tls_started()
-        self._helo = None
+        self._helo = self._helo_verb = None
         self._mode = _Mode.COMMANDS
         if refusal is not None:
             return self._fail(Reply.of(421, "4.7.1", f"{self.settings.hostname} Error: {refusal}"))
@@ -488,7 +489,7 @@ class InboundSession:
             self._blocked_on_starttls = True
             return self._flush()
         if verb in ("EHLO", "HELO"):
-            self._helo = command.arg.strip() or None
+            self._helo, self._helo_verb = command.arg.strip() or None, verb
             self._pending.append(_Pending(_Kind.EHLO if verb == "EHLO" else _Kind.RELAY, command))
         elif verb == "DATA":
             self._blocked_on_data_reply = True
@@ -651,8 +652,7 @@ class InboundSession:
     def _trace_header(self) -> bytes:
         if self.settings.client_identity != "received-header" and not self.tls_active:
             return b""
-        helo_word = "EHLO" if self._helo is not None else "HELO"
-        protocol = ("ESMTP" if helo_word == "EHLO" else "SMTP") + ("S" if self.tls_active else "")
+        protocol = ("ESMTP" if self._helo_verb == "EHLO" else "SMTP") + ("S" if self.tls_active else "")
         return identity.received_header(
             helo=self._helo,
             client_addr=self.client_addr[0],

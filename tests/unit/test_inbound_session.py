@@ -132,6 +132,26 @@ def _deliver(session: InboundSession, body: bytes) -> tuple[bytes, list]:
     return to_backend(actions), actions
 
 
+@pytest.mark.parametrize(("greeting", "protocol"), [(b"EHLO", b"ESMTP"), (b"HELO", b"SMTP")])
+def test_the_trace_header_names_the_protocol_the_client_greeted_with(greeting, protocol):
+    """RFC 3848 / Postfix: "with SMTP" after HELO, "with ESMTP" after EHLO."""
+    session = greeted(client_identity="received-header")
+    session.client_data(greeting + b" client.example\r\n")
+    session.backend_data(BACKEND_EHLO if greeting == b"EHLO" else b"250 backend.example\r\n")
+    sent, _ = _deliver(session, b"Subject: hi\r\n\r\nbody\r\n.\r\n")
+    assert b"(smtproxy) with " + protocol + b";" in sent, sent
+
+
+def test_a_long_non_ascii_helo_name_keeps_the_trace_header_short_and_7bit():
+    session = greeted(client_identity="received-header")
+    session.client_data(("EHLO " + "\U0001d538" * 300 + "\r\n").encode())
+    session.backend_data(BACKEND_EHLO)
+    sent, _ = _deliver(session, b"Subject: hi\r\n\r\nbody\r\n.\r\n")
+    header = sent.split(b"\r\n\r\n", 1)[0]
+    assert header.isascii() and all(len(line) <= 998 for line in header.split(b"\r\n")), header[:300]
+    assert header.startswith(b"Received: from " + b"?" * 255 + b" (unknown [192.0.2.7])\r\n"), header[:300]
+
+
 def test_data_gets_trace_header_and_relays_final_reply():
     session = ehloed(client_identity="received-header")
     sent, actions = _deliver(session, b"Subject: hi\r\n\r\nbody\r\n.\r\n")
