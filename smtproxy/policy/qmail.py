@@ -29,8 +29,10 @@ name check of `verify` (s/qmail's plain rule checks only the CA), the CA check o
 without a cafile (s/qmail then checks only the name), and errors for SHA-1/SHA-224/SHA-512
 pins, CA directories, relative cafile names, OpenSSL cipher lists that are not a Postfix
 grade plus exclusions, a cafile on an opportunistic rule, the sender-domain field, and
-ports 465/6209 (implicit TLS).  A `;port` makes the key `[host]:port`: the entry applies
-where routes_file sends the mail to that host and port.
+ports 465/6209 (implicit TLS).  A `;port` adds the key `[host]:port`, for where routes_file
+sends the mail to that host and port, next to the key of the destination itself: mail that
+reaches the destination by MX lookup on the default port keeps the rule's level instead of
+falling to the default (s/qmail's `hiddenpartner.org:;35` demands TLS for that domain).
 """
 
 from __future__ import annotations
@@ -253,10 +255,10 @@ def _table(rules: dict[tuple[str, str], _Rule]) -> PolicyTable:
         if not destination:  # a rule for all destinations
             continue
         rule = _resolve(rules, destination)
-        key = destination
+        entries.setdefault(destination, rule.decision)
         if rule.port is not None:
-            key = f"{destination}:{rule.port}" if destination.startswith("[") else f"[{destination}]:{rule.port}"
-        entries.setdefault(key, rule.decision)
+            port_key = f"{destination}:{rule.port}" if destination.startswith("[") else f"[{destination}]:{rule.port}"
+            entries.setdefault(port_key, rule.decision)
     general = next((rules[(prefix, "")] for prefix in GENERAL_ORDER if (prefix, "") in rules), None)
     return PolicyTable(entries, general.decision if general else None)
 

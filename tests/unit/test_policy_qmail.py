@@ -71,13 +71,16 @@ def test_per_destination_forms(tmp_path: Path, line: str, expected: Policy) -> N
     assert only(tmp_path, line) == expected
 
 
-def test_ports_make_bracketed_keys(tmp_path: Path) -> None:
+def test_ports_add_bracketed_keys_and_keep_the_destination_itself(tmp_path: Path) -> None:
+    """s/qmail's `hiddenpartner.org:;35` demands TLS for the domain (the port only says
+    where): mail that reaches it by MX lookup must not fall to the default level."""
     table = load(tmp_path, "hiddenpartner.org:;35\nremote.com:/etc/ssl/ca.pem||3;26\n[192.0.2.1]:;2525\n")
     assert table.entries["[hiddenpartner.org]:35"].policy == Policy(Level.ENCRYPT)
     assert table.entries["[remote.com]:26"].policy == Policy(Level.VERIFY, ca_file=Path("/etc/ssl/ca.pem"),
                                                              verify_depth=3)
     assert table.entries["[192.0.2.1]:2525"].policy == Policy(Level.ENCRYPT)
-    assert table.lookup("hiddenpartner.org") is None
+    assert table.lookup("hiddenpartner.org").policy == Policy(Level.ENCRYPT)
+    assert table.lookup("[192.0.2.1]").policy == Policy(Level.ENCRYPT)
 
 
 @pytest.mark.parametrize(("line", "expected"), [
