@@ -47,14 +47,17 @@ def _xtext(value: str) -> str:
     )
 
 
-def xclient_command(addr: str, port: int, helo: str | None = None) -> bytes:
-    """XCLIENT telling Postfix the real client; NAME is unknown because we do no rDNS."""
+def xclient_command(addr: str, port: int, helo: str | None = None, *,
+                    offered: frozenset[str] = frozenset({"NAME", "ADDR", "PORT", "HELO"})) -> bytes:
+    """XCLIENT telling Postfix the real client; NAME is unknown because we do no rDNS.
+    Only the attributes the backend announced in its EHLO reply (`offered`) are sent."""
     ip = _unmapped(addr)
     shown = f"IPV6:{ip}" if ip.version == 6 else str(ip)
-    attrs = ["NAME=[UNAVAILABLE]", f"ADDR={shown}", f"PORT={port}"]
+    attrs = [("NAME", "[UNAVAILABLE]"), ("ADDR", shown), ("PORT", str(port))]
     if helo:
-        attrs.append(f"HELO={_xtext(helo)}")
-    return ("XCLIENT " + " ".join(attrs) + "\r\n").encode("ascii")
+        attrs.append(("HELO", _xtext(helo)))
+    return ("XCLIENT " + " ".join(f"{name}={value}" for name, value in attrs if name in offered) + "\r\n").encode(
+        "ascii")
 
 
 def received_header(

@@ -359,16 +359,22 @@ class InboundSession:
         return self._backend_ready(reply)
 
     def _on_identify_ehlo(self, reply: Reply) -> list[Action]:
-        if reply.code != 250 or not EhloReply.parse(reply).has("XCLIENT"):
+        ehlo = EhloReply.parse(reply) if reply.code == 250 else None
+        if ehlo is None or not ehlo.has("XCLIENT"):
             self._backend = _Backend.READY
             self._greeting = Reply.of(220, None, f"{self.settings.hostname} ESMTP")
             return [*self._maybe_greet_client(), *self._process_commands()]
         self._backend = _Backend.IDENTIFY_XCLIENT
-        return [SendBackend(identity.xclient_command(*self.client_addr))]
+        offered = frozenset(ehlo.capabilities["XCLIENT"].upper().split())
+        return [SendBackend(identity.xclient_command(*self.client_addr, offered=offered))]
 
     def _on_identify_xclient(self, reply: Reply) -> list[Action]:
         if reply.code != 220:
-            return self._refuse_greeting(reply)
+            # the backend's answer to our XCLIENT is no greeting for the client (only 220 or
+            # 554 may be, RFC 5321 4.3.2): a backend problem, as any other
+            return self._fail(Reply.of(421, "4.3.0", f"{self.settings.hostname} Service not available "
+                                                     f"(backend refused XCLIENT: {reply.code})"),
+                              close_backend=True)
         return self._backend_ready(reply)
 
     def _backend_ready(self, greeting: Reply) -> list[Action]:

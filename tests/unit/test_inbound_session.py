@@ -302,6 +302,27 @@ def test_xclient_is_sent_when_the_backend_offers_it_and_its_greeting_relayed():
     assert to_client(actions) == b"220 backend ESMTP again\r\n"
 
 
+def test_xclient_sends_only_the_attributes_the_backend_announced():
+    session = InboundSession(settings(client_identity="xclient"), CLIENT, LISTENER)
+    session.backend_connected()
+    session.backend_data(b"220 backend ESMTP\r\n")
+    actions = session.backend_data(b"250-backend\r\n250 XCLIENT NAME ADDR\r\n")
+    assert to_backend(actions) == b"XCLIENT NAME=[UNAVAILABLE] ADDR=192.0.2.7\r\n"
+
+
+def test_a_refused_xclient_is_a_backend_failure_not_the_clients_greeting():
+    """Only 220 or 554 may greet a client (RFC 5321 4.3.2): the backend's 501 to our
+    XCLIENT becomes 421 4.3.0, as any backend that cannot be used."""
+    session = InboundSession(settings(client_identity="xclient"), CLIENT, LISTENER)
+    session.backend_connected()
+    session.backend_data(b"220 backend ESMTP\r\n")
+    session.backend_data(b"250-backend\r\n250 XCLIENT NAME ADDR PORT HELO\r\n")
+    actions = session.backend_data(b"501 5.5.4 Bad command parameter syntax\r\n")
+    reply = to_client(actions)
+    assert reply.startswith(b"421 4.3.0 ") and b"501" in reply and b"5.5.4" not in reply, reply
+    assert any(isinstance(a, CloseClient) for a in actions) and any(isinstance(a, CloseBackend) for a in actions)
+
+
 def test_bdat_is_framed_by_count_and_carries_the_trace_header():
     session = ehloed(client_identity="received-header")
     session.client_data(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.test>\r\n")
