@@ -787,6 +787,7 @@ class OutboundConfig:
     ca_file: Path | None = _key(FilePath(
         optional=True, must_exist=True, what="a file path (PEM CA certificates)"), None)
     port: int = _key(Integer(1, 65535), 25)
+    mx_address_limit: int = _key(Integer(0, zero="unlimited"), 5)
     hostname: str = _key(HostName(), default_factory=default_hostname)
     bare_newline: str = _key(Choice(("reject", "normalize")), "normalize")
     idle_timeout: float = _key(Seconds(), 300.0)

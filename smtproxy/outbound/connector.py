@@ -45,6 +45,7 @@ class ConnectSettings:
     connect_timeout: float
     handshake_timeout: float
     reply_timeout: float
+    mx_address_limit: int = 5  # addresses tried per transaction, 0: all (Postfix smtp_mx_address_limit)
 
 
 @dataclasses.dataclass
@@ -138,7 +139,8 @@ class Connector:
             log.info("dane: DANE lookups are not implemented yet; using level may", domain=domain)
             policy = dataclasses.replace(policy, level=Level.MAY)
         failures: list[_Failure] = []
-        for target in destination.targets:
+        limit = self.settings.mx_address_limit
+        for target in destination.targets[:limit] if limit else destination.targets:
             try:
                 return await self._attempt(domain, destination.nexthop, target, policy, certificate, use_tls=True)
             except _RetryInPlaintext:

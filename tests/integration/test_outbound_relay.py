@@ -976,3 +976,29 @@ def test_a_recipient_at_an_address_literal_is_delivered_there(smtp_sink, start_o
         refused = mta.command("RCPT TO:<user@[not.an.address]>")
         assert refused.code == 550 and "invalid address literal" in refused.text, refused
     assert any(marker.encode() in m for m in smtp_sink.wait_for_messages(1))
+
+
+@pytest.mark.parametrize("limit", [None, 0], ids=["default-5", "unlimited"])
+def test_at_most_mx_address_limit_addresses_are_tried(unbound_factory, sink_at, start_outbound, limit):
+    """Six MX hosts whose port is closed, then a working one: by default, as Postfix's
+    smtp_mx_address_limit, five addresses are tried and the MTA gets a 4xx; with the
+    limit off (0) the seventh delivers."""
+    hosts = [f"127.0.0.{n}" for n in range(11, 18)]
+    _require_loopback_addresses(*hosts)
+    dns = unbound_factory([f"limit.test. MX {10 * n} mx{n}.limit.test." for n in range(1, 8)]
+                          + [f"mx{n}.limit.test. A {host}" for n, host in enumerate(hosts, start=1)])
+    port = free_port()
+    good = sink_at(hosts[-1], port)
+    options = {} if limit is None else {"mx_address_limit": limit}
+    proxy = start_outbound({}, dns={"nameservers": [dns.nameserver]}, port=port, default_level="may", **options)
+    marker = token()
+    rcpt, final = relay_one(proxy, "user@limit.test", marker)
+    attempts = proxy.records("delivery attempt failed")
+    if limit is None:
+        assert rcpt.code == 451 and "refused" in rcpt.text.lower(), rcpt
+        assert [a["peer"] for a in attempts] == [f"mx{n}.limit.test[127.0.0.{10 + n}]" for n in range(1, 6)]
+        assert not good.messages()
+    else:
+        assert (rcpt.code, final.code) == (250, 250), (rcpt, final)
+        assert len(attempts) == 6
+        assert len(with_marker(good.wait_for_messages(1), marker)) == 1
