@@ -360,12 +360,12 @@ class InboundSession:
 
     def _on_identify_ehlo(self, reply: Reply) -> list[Action]:
         ehlo = EhloReply.parse(reply) if reply.code == 250 else None
-        if ehlo is None or not ehlo.has("XCLIENT"):
+        offered = frozenset(ehlo.capabilities.get("XCLIENT", "").upper().split()) if ehlo else frozenset()
+        if not offered & {"NAME", "ADDR", "PORT"}:  # no XCLIENT, or none of what we would say
             self._backend = _Backend.READY
             self._greeting = Reply.of(220, None, f"{self.settings.hostname} ESMTP")
             return [*self._maybe_greet_client(), *self._process_commands()]
         self._backend = _Backend.IDENTIFY_XCLIENT
-        offered = frozenset(ehlo.capabilities["XCLIENT"].upper().split())
         return [SendBackend(identity.xclient_command(*self.client_addr, offered=offered))]
 
     def _on_identify_xclient(self, reply: Reply) -> list[Action]:

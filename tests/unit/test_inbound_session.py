@@ -310,6 +310,15 @@ def test_xclient_sends_only_the_attributes_the_backend_announced():
     assert to_backend(actions) == b"XCLIENT NAME=[UNAVAILABLE] ADDR=192.0.2.7\r\n"
 
 
+def test_an_xclient_keyword_without_the_attributes_we_send_is_not_used():
+    session = InboundSession(settings(client_identity="xclient"), CLIENT, LISTENER)
+    session.backend_connected()
+    session.backend_data(b"220 backend ESMTP\r\n")
+    actions = session.backend_data(b"250-backend\r\n250 XCLIENT HELO\r\n")
+    assert to_backend(actions) == b""
+    assert to_client(actions) == b"220 mx.example.com ESMTP\r\n"
+
+
 def test_a_refused_xclient_is_a_backend_failure_not_the_clients_greeting():
     """Only 220 or 554 may greet a client (RFC 5321 4.3.2): the backend's 501 to our
     XCLIENT becomes 421 4.3.0, as any backend that cannot be used."""
