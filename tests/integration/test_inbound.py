@@ -420,11 +420,7 @@ def test_plaintext_pipelined_after_starttls_never_reaches_the_backend(postfix, s
         client.starttls(pki.client_context(), server_hostname=HOSTNAME, command=b"STARTTLS\r\n" + injected)
         assert client.command("RCPT TO:<user@example.test>").code == 503  # nothing survived
         assert client.ehlo().code == 250
-        assert client.command("MAIL FROM:<good@example.org>").code == 250
-        assert client.command("RCPT TO:<user@example.test>").code == 250
-        assert client.command("DATA").code == 354
-        client.send(f"Subject: {marker}\r\n\r\nok\r\n.\r\n".encode())
-        assert client.read_reply().code == 250
+        _send_marked(client, marker, sender="good@example.org")
         client.command("QUIT")
     message = delivered_with(postfix, marker)
     assert b"evil@example.net" not in message
@@ -529,11 +525,7 @@ def test_a_client_cannot_pass_xclient_to_a_backend_that_trusts_the_proxy(postfix
         client.ehlo()
         client.send(b"XCLIENT" + separator + b"ADDR=203.0.113.9 NAME=forged.example\r\n")
         assert client.read_reply().code in (500, 550)
-        assert client.command("MAIL FROM:<a@example.org>").code == 250
-        assert client.command("RCPT TO:<user@example.test>").code == 250
-        assert client.command("DATA").code == 354
-        client.send(f"Subject: {marker}\r\n\r\nok\r\n.\r\n".encode())
-        assert client.read_reply().code == 250
+        _send_marked(client, marker)
         client.command("QUIT")
     message = delivered_with(postfix, marker).decode()
     assert "203.0.113.9" not in message and "forged.example" not in message, message
@@ -1001,6 +993,15 @@ def test_backend_down_gives_421(start_proxy):
         reply = client.read_reply()
         assert reply.code == 421 and reply.lines[0].startswith("4.3.0"), reply
         client.expect_close()
+
+
+def _send_marked(client: RawSmtpClient, marker: str, sender: str = "a@example.org") -> None:
+    """One accepted message with `marker` in its Subject, in a greeted session."""
+    assert client.command(f"MAIL FROM:<{sender}>").code == 250
+    assert client.command("RCPT TO:<user@example.test>").code == 250
+    assert client.command("DATA").code == 354
+    client.send(f"Subject: {marker}\r\n\r\nok\r\n.\r\n".encode())
+    assert client.read_reply().code == 250
 
 
 def _start_message(client: RawSmtpClient) -> None:

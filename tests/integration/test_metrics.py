@@ -12,9 +12,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,6 +25,7 @@ from tests.integration.peers import (
     SmtproxyProcess,
     SmtpSink,
     free_port,
+    http_get,
     openssl_s_client,
     postfix_tls_server_params,
     run_swaks,
@@ -42,15 +41,6 @@ DASHBOARD = REPO / "grafana" / "dashboards" / "smtproxy.json"
 ALERT_RULES = REPO / "deploy" / "prometheus" / "smtproxy-alerts.yml"
 SCRAPE_CONFIG = REPO / "deploy" / "prometheus" / "prometheus.yml"
 REMOTE_DOMAIN = "remote.test"
-
-
-def http_get(url: str, timeout: float = 5.0, headers: dict[str, str] | None = None) -> tuple[int, str]:
-    request = urllib.request.Request(url, headers=headers or {})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
 
 
 class Prometheus:

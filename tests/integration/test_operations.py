@@ -11,8 +11,6 @@ import re
 import signal
 import socket
 import time
-import urllib.error
-import urllib.request
 import uuid
 
 import pytest
@@ -23,6 +21,7 @@ from tests.integration.peers import (
     RawSmtpClient,
     SmtproxyProcess,
     free_port,
+    http_get,
     postfix_tls_server_params,
     run_swaks,
     wait_until,
@@ -203,14 +202,6 @@ def test_a_reload_that_drops_the_certificates_under_a_running_implicit_tls_liste
     wait_until(lambda: any(marker.encode() in m for m in legacy.messages()), 20, "the message at Postfix")
 
 
-def readyz(metrics_port: int) -> int:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/readyz", timeout=10) as response:
-            return response.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
-
-
 def test_after_a_reload_readyz_probes_the_new_backend(legacy, started, pki):
     """A reload that points the proxy at another backend moves /readyz with it: a backend
     that refuses connections makes the pod unready, as it makes every client get 421."""
@@ -218,13 +209,13 @@ def test_after_a_reload_readyz_probes_the_new_backend(legacy, started, pki):
     config = inbound_config(legacy, port, pki.server_cert(HOSTNAME))
     config["metrics"] = {"listen": f"127.0.0.1:{metrics_port}"}
     proxy = started(config)
-    assert readyz(metrics_port) == 200
+    assert http_get(f"http://127.0.0.1:{metrics_port}/readyz")[0] == 200
     gone = free_port()  # nothing listens there
     proxy.config_path.write_text(proxy.config_path.read_text().replace(f"127.0.0.1:{legacy.port}", f"127.0.0.1:{gone}"))
     after = len(proxy.logs())
     proxy.send_signal(signal.SIGHUP)
     proxy.wait_for_log("configuration reloaded", after=after)
-    wait_until(lambda: readyz(metrics_port) == 503, 10, "/readyz to follow the new backend")
+    wait_until(lambda: http_get(f"http://127.0.0.1:{metrics_port}/readyz")[0] == 503, 10, "/readyz to follow the new backend")
 
 
 # ----------------------------------------------------------------------- SIGHUP outbound

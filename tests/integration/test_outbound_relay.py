@@ -59,18 +59,23 @@ def message(marker: str, body: bytes = b"hello\r\n") -> bytes:
     return (f"From: <{SENDER}>\r\nSubject: {marker}\r\nMessage-ID: <{marker}@example.test>\r\n\r\n").encode() + body
 
 
+def relay_in_session(mta: RawSmtpClient, recipient: str, marker: str) -> tuple[Reply, Reply]:
+    """One transaction in an open MTA session; returns (RCPT reply, final reply after the dot)."""
+    assert mta.command(f"MAIL FROM:<{SENDER}>").code == 250
+    rcpt = mta.command(f"RCPT TO:<{recipient}>")
+    if rcpt.code != 250:
+        return rcpt, rcpt
+    assert mta.command("DATA").code == 354
+    mta.send(message(marker) + b".\r\n")
+    return rcpt, mta.read_reply()
+
+
 def relay_one(proxy: OutboundProxy, recipient: str, marker: str) -> tuple[Reply, Reply]:
-    """One complete transaction; returns (RCPT reply, final reply after the dot)."""
+    """One complete transaction in a session of its own (see relay_in_session)."""
     with open_session(proxy) as mta:
-        assert mta.command(f"MAIL FROM:<{SENDER}>").code == 250
-        rcpt = mta.command(f"RCPT TO:<{recipient}>")
-        if rcpt.code != 250:
-            return rcpt, rcpt
-        assert mta.command("DATA").code == 354
-        mta.send(message(marker) + b".\r\n")
-        final = mta.read_reply()
+        replies = relay_in_session(mta, recipient, marker)
         mta.command("QUIT")
-        return rcpt, final
+        return replies
 
 
 def with_marker(messages: list[bytes], marker: str) -> list[bytes]:
@@ -160,6 +165,16 @@ class Conversation:
             self.fill()
         body, self.buffer = self.buffer.split(b"\r\n.\r\n", 1)
         return body + b"\r\n"
+
+    def accept_envelope(self, host: bytes, *, pipelining: bool = False) -> None:
+        """Greet as `host`, answer EHLO (PIPELINING offered or not), accept MAIL and one RCPT."""
+        self.send(b"220 " + host + b" ESMTP\r\n")
+        self.expect(b"EHLO ")
+        self.send(b"250-" + host + b"\r\n250 PIPELINING\r\n" if pipelining else b"250 " + host + b"\r\n")
+        self.expect(b"MAIL FROM:")
+        self.send(b"250 2.1.0 Ok\r\n")
+        self.expect(b"RCPT TO:")
+        self.send(b"250 2.1.5 Ok\r\n")
 
     def goodbye(self) -> None:
         """After a transaction: answer the proxy's RSET (it parks the connection for reuse)
@@ -342,13 +357,7 @@ def test_remote_closing_mid_data_gives_the_mta_a_4xx(scripted_remote, start_outb
     closed = threading.Event()
 
     def script(c: Conversation) -> None:
-        c.send(b"220 mx.dying.test ESMTP\r\n")
-        c.expect(b"EHLO ")
-        c.send(b"250-mx.dying.test\r\n250 PIPELINING\r\n")
-        c.expect(b"MAIL FROM:")
-        c.send(b"250 2.1.0 Ok\r\n")
-        c.expect(b"RCPT TO:")
-        c.send(b"250 2.1.5 Ok\r\n")
+        c.accept_envelope(b"mx.dying.test", pipelining=True)
         c.expect(b"DATA")
         c.send(b"354 End data with <CR><LF>.<CR><LF>\r\n")
         while b"end of part one" not in c.buffer:  # its CRLF may be held back: it could start CRLF.CRLF
@@ -851,17 +860,9 @@ def test_a_remote_421_fails_the_transaction_not_the_mta_session(smtp_sink_factor
                 mta.send(message(token()) + b".\r\n")
                 assert mta.read_reply().code == 451
         assert mta.command("RSET").code == 250
-        assert relay_in_session(mta, "user@good.test", marker).code == 250
+        assert relay_in_session(mta, "user@good.test", marker)[1].code == 250
         assert mta.command("QUIT").code == 221
     assert any(marker.encode() in m for m in good.wait_for_messages(1))
-
-
-def relay_in_session(mta: RawSmtpClient, recipient: str, marker: str) -> Reply:
-    assert mta.command(f"MAIL FROM:<{SENDER}>").code == 250
-    assert mta.command(f"RCPT TO:<{recipient}>").code == 250
-    assert mta.command("DATA").code == 354
-    mta.send(message(marker) + b".\r\n")
-    return mta.read_reply()
 
 
 def test_after_a_remote_lost_mid_transaction_the_next_transaction_starts_afresh(
@@ -871,13 +872,7 @@ def test_after_a_remote_lost_mid_transaction_the_next_transaction_starts_afresh(
     another domain is not told to wait for a separate transaction, and no stale 451."""
 
     def script(c: Conversation) -> None:
-        c.send(b"220 mx.flaky.test ESMTP\r\n")
-        c.expect(b"EHLO ")
-        c.send(b"250 mx.flaky.test\r\n")  # no PIPELINING: one command at a time
-        c.expect(b"MAIL FROM:")
-        c.send(b"250 2.1.0 Ok\r\n")
-        c.expect(b"RCPT TO:")
-        c.send(b"250 2.1.5 Ok\r\n")
+        c.accept_envelope(b"mx.flaky.test")  # no PIPELINING: one command at a time
         c.expect(b"RCPT TO:")
 
     remote = scripted_remote(script)
@@ -890,7 +885,7 @@ def test_after_a_remote_lost_mid_transaction_the_next_transaction_starts_afresh(
         assert mta.command("RCPT TO:<a@flaky.test>").code == 250
         assert mta.command("RCPT TO:<b@flaky.test>").code == 451
         assert mta.command("DATA").code == 451
-        assert relay_in_session(mta, "user@good.test", marker).code == 250
+        assert relay_in_session(mta, "user@good.test", marker)[1].code == 250
     remote.join()
     assert any(marker.encode() in m for m in good.wait_for_messages(1))
 
@@ -904,13 +899,7 @@ def test_a_remote_that_stops_reading_the_message_is_dropped_after_the_reply_time
 
     def script(c: Conversation) -> None:
         c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        c.send(b"220 mx.stuck.test ESMTP\r\n")
-        c.expect(b"EHLO ")
-        c.send(b"250 mx.stuck.test\r\n")
-        c.expect(b"MAIL FROM:")
-        c.send(b"250 2.1.0 Ok\r\n")
-        c.expect(b"RCPT TO:")
-        c.send(b"250 2.1.5 Ok\r\n")
+        c.accept_envelope(b"mx.stuck.test")
         c.expect(b"DATA")
         c.send(b"354 End data with <CR><LF>.<CR><LF>\r\n")
         stopped.wait(30)  # reads nothing more until the test is done
@@ -971,7 +960,7 @@ def test_a_recipient_at_an_address_literal_is_delivered_there(smtp_sink, start_o
     proxy = start_outbound({}, default_level="may", port=smtp_sink.port)
     marker = token()
     with open_session(proxy) as mta:
-        assert relay_in_session(mta, "user@[127.0.0.1]", marker).code == 250
+        assert relay_in_session(mta, "user@[127.0.0.1]", marker)[1].code == 250
         assert mta.command(f"MAIL FROM:<{SENDER}>").code == 250
         refused = mta.command("RCPT TO:<user@[not.an.address]>")
         assert refused.code == 550 and "invalid address literal" in refused.text, refused

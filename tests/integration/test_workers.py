@@ -11,8 +11,6 @@ import os
 import re
 import signal
 import socket
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -22,6 +20,7 @@ from tests.integration.peers import (
     PostfixInstance,
     SmtproxyProcess,
     free_port,
+    http_get,
     openssl_s_client,
     wait_until,
     write_config,
@@ -77,16 +76,9 @@ def handshakes(process: SmtproxyProcess, count: int) -> list[dict]:
 
 
 def scrape(metrics_port: int) -> str:
-    with urllib.request.urlopen(f"http://{LOOPBACK}:{metrics_port}/metrics", timeout=10) as response:
-        return response.read().decode()
-
-
-def readyz(metrics_port: int) -> int:
-    try:
-        with urllib.request.urlopen(f"http://{LOOPBACK}:{metrics_port}/readyz", timeout=10) as response:
-            return response.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
+    status, text = http_get(f"http://{LOOPBACK}:{metrics_port}/metrics", timeout=10)
+    assert status == 200, text
+    return text
 
 
 def test_sessions_resume_on_whichever_worker_and_one_scrape_sums_them(workers, tmp_path):
@@ -128,10 +120,10 @@ def test_the_supervisor_exports_backend_up_from_its_readiness_probe(workers):
     """The dashboard's "Backend reachable" panel and the SmtproxyBackendUnready alert read
     `smtproxy_backend_up`; with workers it comes from the supervisor, which probes."""
     _, _, metrics_port, legacy = workers
-    assert readyz(metrics_port) == 200
+    assert http_get(f"http://{LOOPBACK}:{metrics_port}/readyz")[0] == 200
     assert re.search(r"^smtproxy_backend_up 1\.0$", scrape(metrics_port), re.M)
     legacy.stop()
-    wait_until(lambda: readyz(metrics_port) == 503, 10, "/readyz to answer 503 without the backend")
+    wait_until(lambda: http_get(f"http://{LOOPBACK}:{metrics_port}/readyz")[0] == 503, 10, "/readyz to answer 503 without the backend")
     assert re.search(r"^smtproxy_backend_up 0\.0$", scrape(metrics_port), re.M)
 
 
@@ -162,7 +154,7 @@ def test_after_a_reload_the_supervisor_probes_the_new_backend(workers):
     """The supervisor answers /readyz for the workers: a reload that moves the backend
     moves its probe too."""
     process, _, metrics_port, legacy = workers
-    assert readyz(metrics_port) == 200
+    assert http_get(f"http://{LOOPBACK}:{metrics_port}/readyz")[0] == 200
     gone = free_port()
     process.config_path.write_text(process.config_path.read_text().replace(f":{legacy.port}", f":{gone}"))
     ready = process.wait_for_log("smtproxy ready")
@@ -170,7 +162,7 @@ def test_after_a_reload_the_supervisor_probes_the_new_backend(workers):
     wait_until(lambda: {r.get("worker_pid") for r in process.logs()
                         if r["event"] == "configuration reloaded"} >= set(ready["pids"]) or None,
                20, "both workers to reload")
-    wait_until(lambda: readyz(metrics_port) == 503, 10, "/readyz to follow the new backend")
+    wait_until(lambda: http_get(f"http://{LOOPBACK}:{metrics_port}/readyz")[0] == 503, 10, "/readyz to follow the new backend")
 
 
 def test_a_worker_that_cannot_start_is_restarted_ever_more_slowly(workers, tmp_path):

@@ -290,12 +290,18 @@ def test_proxy_protocol_header_goes_first(identity, prefix):
     assert to_backend(session.backend_connected()).startswith(prefix)
 
 
-def test_xclient_is_sent_when_the_backend_offers_it_and_its_greeting_relayed():
+def xclient_greeted() -> InboundSession:
+    """client_identity = "xclient": the backend greeted, our EHLO sent (its reply is next)."""
     session = InboundSession(settings(client_identity="xclient"), CLIENT, LISTENER)
     session.backend_connected()
     actions = session.backend_data(b"220 backend ESMTP\r\n")
     assert to_backend(actions) == b"EHLO mx.example.com\r\n"
     assert to_client(actions) == b""
+    return session
+
+
+def test_xclient_is_sent_when_the_backend_offers_it_and_its_greeting_relayed():
+    session = xclient_greeted()
     actions = session.backend_data(b"250-backend\r\n250 XCLIENT NAME ADDR PORT HELO\r\n")
     assert to_backend(actions) == b"XCLIENT NAME=[UNAVAILABLE] ADDR=192.0.2.7 PORT=40000\r\n"
     actions = session.backend_data(b"220 backend ESMTP again\r\n")
@@ -303,17 +309,13 @@ def test_xclient_is_sent_when_the_backend_offers_it_and_its_greeting_relayed():
 
 
 def test_xclient_sends_only_the_attributes_the_backend_announced():
-    session = InboundSession(settings(client_identity="xclient"), CLIENT, LISTENER)
-    session.backend_connected()
-    session.backend_data(b"220 backend ESMTP\r\n")
+    session = xclient_greeted()
     actions = session.backend_data(b"250-backend\r\n250 XCLIENT NAME ADDR\r\n")
     assert to_backend(actions) == b"XCLIENT NAME=[UNAVAILABLE] ADDR=192.0.2.7\r\n"
 
 
 def test_an_xclient_keyword_without_the_attributes_we_send_is_not_used():
-    session = InboundSession(settings(client_identity="xclient"), CLIENT, LISTENER)
-    session.backend_connected()
-    session.backend_data(b"220 backend ESMTP\r\n")
+    session = xclient_greeted()
     actions = session.backend_data(b"250-backend\r\n250 XCLIENT HELO\r\n")
     assert to_backend(actions) == b""
     assert to_client(actions) == b"220 mx.example.com ESMTP\r\n"
@@ -322,9 +324,7 @@ def test_an_xclient_keyword_without_the_attributes_we_send_is_not_used():
 def test_a_refused_xclient_is_a_backend_failure_not_the_clients_greeting():
     """Only 220 or 554 may greet a client (RFC 5321 4.3.2): the backend's 501 to our
     XCLIENT becomes 421 4.3.0, as any backend that cannot be used."""
-    session = InboundSession(settings(client_identity="xclient"), CLIENT, LISTENER)
-    session.backend_connected()
-    session.backend_data(b"220 backend ESMTP\r\n")
+    session = xclient_greeted()
     session.backend_data(b"250-backend\r\n250 XCLIENT NAME ADDR PORT HELO\r\n")
     actions = session.backend_data(b"501 5.5.4 Bad command parameter syntax\r\n")
     reply = to_client(actions)
