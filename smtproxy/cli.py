@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config)
     except ConfigError as exc:
-        print(f"smtproxy: {args.config}: {exc}", file=sys.stderr)
+        _print_config_error(args.config, exc)
         return 2
     if args.command == "check":
         problem = _table_problem(config) or certificate_problem(config)
@@ -77,12 +77,17 @@ def main(argv: list[str] | None = None) -> int:
     return app.run(config, args.workers, args.worker_fd)
 
 
+def _print_config_error(path: str, exc: ConfigError) -> None:
+    """One line naming the file once: a file-level error (unreadable, not TOML) names it already."""
+    print(f"smtproxy: {exc}" if exc.key == "" else f"smtproxy: {path}: {exc}", file=sys.stderr)
+
+
 def _probe(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config) if args.config else parse_config(
             {"inbound": {"listen": [], "implicit_tls_listen": []}}, Path.cwd())
     except ConfigError as exc:
-        print(f"smtproxy: {args.config}: {exc}", file=sys.stderr)
+        _print_config_error(args.config, exc)
         return 2
     import uvloop
 
@@ -132,7 +137,7 @@ def _policy(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config)
     except ConfigError as exc:
-        print(f"smtproxy: {args.config}: {exc}", file=sys.stderr)
+        _print_config_error(args.config, exc)
         return 2
     try:
         decision = Policies.from_config(config.outbound).decide(args.words[0])

@@ -72,3 +72,17 @@ def test_check_passes_a_matching_chain_and_key(tmp_path, capsys):
     cert.cert_chain_pems[0].write_to_path(str(tmp_path / "tls.crt"))
     cert.private_key_pem.write_to_path(str(tmp_path / "tls.key"))
     assert main(["check", "--config", _certificate_config(tmp_path, "tls.crt", "tls.key")]) == 0
+
+
+@pytest.mark.parametrize(("text", "problem"), [
+    (None, "cannot read: No such file or directory"),
+    ("[inbound\n", "TOML syntax error: "),
+    ('[inbound]\nlisten = "bogus"\n', 'inbound.listen = "bogus": allowed: '),
+])
+def test_a_config_error_names_the_file_once(tmp_path, capsys, text, problem):
+    path = tmp_path / "smtproxy.toml"
+    if text is not None:
+        path.write_text(text)
+    assert main(["check", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"smtproxy: {path}: {problem}") and err.count(str(path)) == 1, err
