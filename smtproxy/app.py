@@ -28,7 +28,9 @@ from smtproxy.telemetry import tlsrpt
 from smtproxy.telemetry.http import MetricsServer, Readiness
 from smtproxy.telemetry.metrics import Metrics, watch_backend
 from smtproxy.tls.certificates import ensure_certificate
+from smtproxy.tls.openssl_ext import TicketKeys
 from smtproxy.tls.server_context import ServerTls
+from smtproxy.tls.ticket_rotation import new_ticket_key, rotate_ticket_keys
 from smtproxy.workers import Supervisor, WorkerLink
 
 log = structlog.get_logger("smtproxy")
@@ -57,7 +59,7 @@ def generate_missing_certificates(config: Config) -> None:
             )
 
 
-def build_server_tls(config: Config, ticket_keys: bytes | None = None) -> ServerTls | None:
+def build_server_tls(config: Config, ticket_keys: TicketKeys | None = None) -> ServerTls | None:
     inbound = config.inbound
     if not inbound.certificates:
         return None
@@ -112,7 +114,7 @@ def build_outbound(config: Config, bus: EventBus) -> OutboundServer | None:
 
 
 def reload(config: Config, bus: EventBus, inbound: InboundServer, outbound: OutboundServer | None,
-           ticket_keys: bytes | None = None) -> Config:
+           ticket_keys: TicketKeys | None = None) -> Config:
     """SIGHUP: re-read the config file, certificates and tables; the running proxy keeps the
     old ones when anything is wrong.  Returns the configuration now in force."""
     assert config.source is not None
@@ -177,7 +179,7 @@ async def serve(config: Config, link: WorkerLink | None = None) -> None:
     log_setup.subscribe(bus)
     metrics = Metrics()
     metrics.subscribe(bus)
-    ticket_keys = link.ticket_keys if link is not None else None
+    ticket_keys = link.ticket_keys if link is not None else TicketKeys(new_ticket_key())
     inbound = InboundServer(config.inbound, build_server_tls(config, ticket_keys), bus)
     outbound = build_outbound(config, bus)
     reporter = tlsrpt.subscribe(bus, config.tlsrpt, make_resolver(config.dns).dns_resolver) if outbound else None
@@ -205,21 +207,30 @@ async def serve(config: Config, link: WorkerLink | None = None) -> None:
         if metrics_server is not None:
             metrics_server.readiness.follow(current.inbound.backend, current.inbound.backend_connect_timeout)
 
+    def on_new_ticket_key(key: bytes) -> None:
+        ticket_keys.rotate(key)
+        if current.inbound.certificates and current.inbound.tls.session_tickets:
+            log.info("session-ticket keys rotated")
+
     if config.source is not None:
         loop.add_signal_handler(signal.SIGHUP, on_hangup)
     if link is None:
         metrics_server = await start_metrics(config, metrics, inbound, outbound, lambda: not stop.is_set())
         if metrics_server is not None:
             listeners.append(f"{config.metrics.listen} (metrics)")
+        rotation = loop.create_task(rotate_ticket_keys(lambda: current.inbound.tls.session_timeout, on_new_ticket_key))
         log.info("smtproxy ready", listeners=listeners, backend=str(config.inbound.backend))
     else:
         watch_gauges(metrics, inbound, outbound)
         refresher = loop.create_task(_refresh_gauges(metrics))
-        link.on_supervisor_gone(stop.set)
+        rotation = None
+        link.watch(on_new_ticket_key, stop.set)
         log.info("worker ready", listeners=listeners)
         link.ready()
     await stop.wait()
 
+    if rotation is not None:
+        rotation.cancel()
     log.info("smtproxy stopping", active_sessions=len(inbound.connections),
              active_outbound_sessions=len(outbound.sessions) if outbound else 0)
     inbound.stop_listening()

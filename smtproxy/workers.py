@@ -3,9 +3,10 @@
 The supervisor (this process) starts each worker as a fresh interpreter
 (`smtproxy run --worker-fd FD`), hands all of them the same session-ticket keys over a
 private socket pair — so a client resumes its TLS session whichever worker its next
-connection lands on — and waits until every worker has bound its listeners.  It then
-serves /metrics, /healthz and /readyz for all of them: workers keep their metric values in
-files (prometheus-client's multiprocess mode) that the supervisor's scrape sums.  SIGTERM
+connection lands on — and then each new key as it rotates them.  Once every worker has
+bound its listeners, it serves /metrics, /healthz and /readyz for all of them: workers
+keep their metric values in files (prometheus-client's multiprocess mode) that the
+supervisor's scrape sums.  SIGTERM
 and SIGHUP are passed on to the workers; a worker that dies is started again.  A worker
 whose supervisor vanishes (its end of the socket pair closes) drains and stops.
 """
@@ -20,6 +21,7 @@ import socket
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 
 import structlog
 from prometheus_client import CollectorRegistry, multiprocess
@@ -27,7 +29,8 @@ from prometheus_client import CollectorRegistry, multiprocess
 from smtproxy.config import Config, ConfigError, load_config
 from smtproxy.telemetry.http import MetricsServer, Readiness
 from smtproxy.telemetry.metrics import MULTIPROCESS_DIR_VARIABLE, watch_backend
-from smtproxy.tls.openssl_ext import TICKET_KEYS_LENGTH
+from smtproxy.tls.openssl_ext import TICKET_KEY_LENGTH, TicketKeys
+from smtproxy.tls.ticket_rotation import new_ticket_key, rotate_ticket_keys
 
 log = structlog.get_logger("smtproxy")
 
@@ -42,37 +45,44 @@ STABLE_UPTIME = 60.0
 
 
 class WorkerLink:
-    """The worker's end of its socket pair: ticket keys in, "ready" out, supervisor's life."""
+    """The worker's end of its socket pair: session-ticket keys in (the previous and the
+    current one at start, then each new one), "ready" out, the supervisor's life."""
 
     def __init__(self, fd: int) -> None:
         self.sock = socket.socket(fileno=fd)
         self.sock.setblocking(True)
         keys = b""
-        while len(keys) < TICKET_KEYS_LENGTH:
-            chunk = self.sock.recv(TICKET_KEYS_LENGTH - len(keys))
+        while len(keys) < 2 * TICKET_KEY_LENGTH:
+            chunk = self.sock.recv(2 * TICKET_KEY_LENGTH - len(keys))
             if not chunk:
                 raise OSError("the supervisor closed the worker channel before sending ticket keys")
             keys += chunk
-        self.ticket_keys = keys
+        self.ticket_keys = TicketKeys(current=keys[TICKET_KEY_LENGTH:], previous=keys[:TICKET_KEY_LENGTH])
         self.sock.setblocking(False)
 
     def ready(self) -> None:
         self.sock.send(READY)
 
-    def on_supervisor_gone(self, callback) -> None:
-        """Call `callback` once the supervisor's end closes."""
+    def watch(self, on_new_ticket_key: Callable[[bytes], None], on_supervisor_gone: Callable[[], None]) -> None:
+        """Pass on each new ticket key; call `on_supervisor_gone` once the supervisor's end closes."""
         loop = asyncio.get_running_loop()
+        pending = bytearray()
 
         def readable() -> None:
             try:
-                data = self.sock.recv(64)
+                data = self.sock.recv(4096)
             except BlockingIOError:
                 return
             except OSError:
                 data = b""
             if not data:
                 loop.remove_reader(self.sock.fileno())
-                callback()
+                on_supervisor_gone()
+                return
+            pending.extend(data)
+            while len(pending) >= TICKET_KEY_LENGTH:
+                on_new_ticket_key(bytes(pending[:TICKET_KEY_LENGTH]))
+                del pending[:TICKET_KEY_LENGTH]
 
         loop.add_reader(self.sock.fileno(), readable)
 
@@ -93,7 +103,7 @@ class Supervisor:
         assert config.source is not None
         self.config = config
         self.workers = [_Worker(index) for index in range(count)]
-        self.ticket_keys = os.urandom(TICKET_KEYS_LENGTH)
+        self.ticket_keys = [new_ticket_key(), new_ticket_key()]  # previous, current
         self.metrics_dir = tempfile.mkdtemp(prefix="smtproxy-metrics-")
         self.stopping = asyncio.Event()
         self._changed = asyncio.Event()
@@ -107,7 +117,7 @@ class Supervisor:
             sys.executable, "-m", "smtproxy", "run", "--config", str(self.config.source),
             "--worker-fd", str(theirs.fileno()), pass_fds=(theirs.fileno(),), env=env, stdin=asyncio.subprocess.DEVNULL)
         theirs.close()
-        ours.sendall(self.ticket_keys)
+        ours.sendall(b"".join(self.ticket_keys))
         ours.setblocking(False)
         worker.channel, worker.ready, worker.started = ours, False, time.monotonic()
         asyncio.get_running_loop().create_task(self._watch(worker, worker.process, ours))
@@ -129,6 +139,17 @@ class Supervisor:
         if not self.stopping.is_set():
             log.error("worker exited", worker=worker.index, pid=process.pid, status=code)
         self._changed.set()
+
+    def _new_ticket_key(self, key: bytes) -> None:
+        """Every worker gets the new key; one being restarted gets it with the previous one
+        when it starts."""
+        self.ticket_keys = [self.ticket_keys[1], key]
+        for worker in self.workers:
+            if worker.channel is not None and worker.process is not None and worker.process.returncode is None:
+                try:
+                    worker.channel.send(key)
+                except OSError:
+                    pass  # it is exiting: its replacement gets the keys as it starts
 
     def _all_ready(self) -> bool:
         return all(worker.ready for worker in self.workers)
@@ -189,7 +210,10 @@ class Supervisor:
                 return 1
             log.info("smtproxy ready", workers=len(self.workers), pids=[w.process.pid for w in self.workers],
                      backend=str(self.config.inbound.backend))
+            rotation = loop.create_task(rotate_ticket_keys(lambda: self.config.inbound.tls.session_timeout,
+                                                           self._new_ticket_key))
             await self._keep_running()
+            rotation.cancel()
             log.info("smtproxy stopping", workers=len(self.workers))
             await self._stop_workers()
             if metrics_server is not None:

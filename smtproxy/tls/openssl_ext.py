@@ -15,6 +15,9 @@ handshake around that call (`recording`), and the callback attributes verdicts t
 
 Client sessions for resumption are kept as in-memory copies (`HeldSession`) taken on that
 same `SSL *`, instead of the DER copies CPython makes of every session read or offered.
+
+Session tickets are sealed with keys of our own (`TicketKeys`, through OpenSSL's ticket-key
+callback) so that worker processes share them and they can be rotated.
 """
 
 from __future__ import annotations
@@ -31,11 +34,13 @@ _SSL_CTRL_SET_SESS_CACHE_SIZE = 42
 _SSL_CTRL_SET_SESS_CACHE_MODE = 44
 _SSL_CTRL_SET_GROUPS_LIST = 92
 _SSL_CTRL_SET_DH_AUTO = 118
-_SSL_CTRL_SET_TLSEXT_TICKET_KEYS = 59
-TICKET_KEYS_LENGTH = 80  # key name 16, HMAC secret 32, AES key 32 (SSL_CTX_set_tlsext_ticket_keys)
+TICKET_KEY_LENGTH = 80  # key name 16, HMAC-SHA256 secret 32, AES-256 key 32 (OpenSSL's own layout)
 _SSL_SESS_CACHE_OFF = 0
 
 _VERIFY_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_void_p)
+# int cb(SSL *, unsigned char key_name[16], unsigned char *iv, EVP_CIPHER_CTX *, EVP_MAC_CTX *, int enc)
+_TICKET_KEY_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int)
 
 
 _P = ctypes.c_void_p
@@ -59,6 +64,12 @@ _SIGNATURES = {
     "SSL_SESSION_get_timeout": (ctypes.c_long, [_P]),
     "SSL_SESSION_has_ticket": (ctypes.c_int, [_P]),
     "SSL_SESSION_get_id": (_P, [_P, ctypes.POINTER(ctypes.c_uint)]),
+    "SSL_CTX_set_tlsext_ticket_key_evp_cb": (ctypes.c_int, [_P, _TICKET_KEY_CALLBACK]),
+    "EVP_CIPHER_fetch": (_P, [_P, ctypes.c_char_p, ctypes.c_char_p]),
+    "EVP_EncryptInit_ex": (ctypes.c_int, [_P, _P, _P, _P, _P]),
+    "EVP_DecryptInit_ex": (ctypes.c_int, [_P, _P, _P, _P, _P]),
+    "EVP_MAC_CTX_set_params": (ctypes.c_int, [_P, _P]),
+    "RAND_bytes": (ctypes.c_int, [_P, ctypes.c_int]),
 }
 
 
@@ -211,16 +222,72 @@ def set_dh_auto(context: ssl.SSLContext) -> None:
     _check(_lib.SSL_CTX_ctrl(_ctx_pointer(context), _SSL_CTRL_SET_DH_AUTO, 1, None), "SSL_CTX_set_dh_auto failed")
 
 
-def set_ticket_keys(context: ssl.SSLContext, keys: bytes) -> None:
-    """Session-ticket keys (TLS 1.2 tickets and TLS 1.3 resumption): processes that share
-    them resume each other's sessions (SSL_CTX_set_tlsext_ticket_keys)."""
-    if len(keys) != TICKET_KEYS_LENGTH:
-        raise ValueError(f"ticket keys are {TICKET_KEYS_LENGTH} bytes, not {len(keys)}")
-    buffer = ctypes.create_string_buffer(keys, len(keys))
-    _check(
-        _lib.SSL_CTX_ctrl(_ctx_pointer(context), _SSL_CTRL_SET_TLSEXT_TICKET_KEYS, len(keys), buffer),
-        "SSL_CTX_set_tlsext_ticket_keys failed",
-    )
+class _OsslParam(ctypes.Structure):
+    _fields_ = [("key", ctypes.c_char_p), ("data_type", ctypes.c_uint), ("data", _P),
+                ("data_size", ctypes.c_size_t), ("return_size", ctypes.c_size_t)]
+
+
+_OSSL_PARAM_UTF8_STRING, _OSSL_PARAM_OCTET_STRING = 4, 5
+_OSSL_PARAM_UNMODIFIED = ctypes.c_size_t(-1).value
+_SHA256 = ctypes.create_string_buffer(b"SHA256")
+_AES_256_CBC = _lib.EVP_CIPHER_fetch(None, b"AES-256-CBC", None)  # fetched once, kept for the process
+_IV_LENGTH = 16
+
+
+class _TicketKey:
+    """One key in OpenSSL's layout, with the HMAC parameters prepared for every ticket."""
+
+    __slots__ = ("name", "_hmac", "aes", "mac_params")
+
+    def __init__(self, raw: bytes) -> None:
+        if len(raw) != TICKET_KEY_LENGTH:
+            raise ValueError(f"a session-ticket key is {TICKET_KEY_LENGTH} bytes, not {len(raw)}")
+        self.name = raw[:16]
+        self._hmac = ctypes.create_string_buffer(raw[16:48], 32)
+        self.aes = ctypes.create_string_buffer(raw[48:80], 32)
+        self.mac_params = (_OsslParam * 3)(
+            _OsslParam(b"key", _OSSL_PARAM_OCTET_STRING, ctypes.addressof(self._hmac), 32, _OSSL_PARAM_UNMODIFIED),
+            _OsslParam(b"digest", _OSSL_PARAM_UTF8_STRING, ctypes.addressof(_SHA256), 6, _OSSL_PARAM_UNMODIFIED),
+            _OsslParam(None, 0, None, 0, 0),
+        )
+
+
+class TicketKeys:
+    """The keys that seal session tickets (TLS 1.2 tickets and TLS 1.3 resumption): the
+    newest seals, it and the one before it open.  Rotating them (as Postfix's tlsmgr does)
+    bounds how long a stolen key opens recorded tickets, which carry the session's secrets;
+    processes given the same keys resume each other's sessions."""
+
+    def __init__(self, current: bytes, previous: bytes | None = None) -> None:
+        self._keys = [_TicketKey(current)] + ([_TicketKey(previous)] if previous is not None else [])
+        self._callback = _TICKET_KEY_CALLBACK(self._on_ticket)
+
+    def rotate(self, new: bytes) -> None:
+        """`new` seals from now on; the current key still opens; the one before is dropped."""
+        self._keys = [_TicketKey(new), self._keys[0]]
+
+    def install(self, context: ssl.SSLContext) -> None:
+        _check(_lib.SSL_CTX_set_tlsext_ticket_key_evp_cb(_ctx_pointer(context), self._callback),
+               "SSL_CTX_set_tlsext_ticket_key_evp_cb failed")
+
+    def _on_ticket(self, _ssl: int, key_name: int, iv: int, cipher_ctx: int, mac_ctx: int, seal: int) -> int:
+        """OpenSSL's contract: sealing returns 1 (or < 0 to fail); opening returns 0 for an
+        unknown key (a full handshake follows), 1 for the current key, 2 for an older one
+        (the ticket is accepted and replaced by one under the current key)."""
+        if seal:
+            key = self._keys[0]
+            ctypes.memmove(key_name, key.name, 16)
+            ok = (_lib.RAND_bytes(iv, _IV_LENGTH) == 1
+                  and _lib.EVP_EncryptInit_ex(cipher_ctx, _AES_256_CBC, None, key.aes, iv) == 1
+                  and _lib.EVP_MAC_CTX_set_params(mac_ctx, key.mac_params) == 1)
+            return 1 if ok else -1
+        name = ctypes.string_at(key_name, 16)
+        for age, key in enumerate(self._keys):
+            if key.name == name:
+                ok = (_lib.EVP_MAC_CTX_set_params(mac_ctx, key.mac_params) == 1
+                      and _lib.EVP_DecryptInit_ex(cipher_ctx, _AES_256_CBC, None, key.aes, iv) == 1)
+                return (2 if age else 1) if ok else -1
+        return 0
 
 
 def set_verify_depth(context: ssl.SSLContext, depth: int) -> None:

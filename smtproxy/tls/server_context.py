@@ -23,9 +23,11 @@ _VERSIONS = {
 
 
 class ServerTls:
-    def __init__(self, tls_cfg, certificates, ticket_keys: bytes | None = None) -> None:
-        """`ticket_keys`: session-ticket keys shared with the other worker processes, so a
-        client resumes whichever worker its next connection lands on; None: OpenSSL's own."""
+    def __init__(self, tls_cfg, certificates, ticket_keys: openssl_ext.TicketKeys | None = None) -> None:
+        """`ticket_keys`: the process's session-ticket keys, rotated by their owner and
+        shared with the other worker processes (so a client resumes whichever worker its
+        next connection lands on) and with the contexts of later reloads; None: OpenSSL's
+        own, one per context."""
         self.config = tls_cfg
         self._ticket_keys = ticket_keys
         chains = list(certificates)
@@ -70,7 +72,7 @@ class ServerTls:
             # each ticket costs the server an encryption and a random draw.
             context.num_tickets = 1
             if self._ticket_keys is not None:
-                openssl_ext.set_ticket_keys(context, self._ticket_keys)
+                self._ticket_keys.install(context)
         if cfg.ciphers:
             context.set_ciphers(cfg.ciphers)
         details: dict[str, str | None] = {}

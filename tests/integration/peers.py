@@ -826,6 +826,14 @@ def openssl_s_client(
     )
 
 
+def s_client_session(port: int, session_file: Path, *, resume: bool, server_name: str) -> str:
+    """A STARTTLS session with TLS 1.3 that saves its session to ``session_file`` or, with
+    ``resume``, offers it again; s_client's stdout says ``Reused, TLSv1.3`` when it resumed."""
+    option = "-sess_in" if resume else "-sess_out"
+    return openssl_s_client(port, args=["-tls1_3", option, str(session_file), "-servername", server_name],
+                            input=b"QUIT\r\n").stdout
+
+
 def posttls_finger(
     port: int,
     *args: str,

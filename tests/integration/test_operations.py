@@ -24,6 +24,7 @@ from tests.integration.peers import (
     http_get,
     postfix_tls_server_params,
     run_swaks,
+    s_client_session,
     wait_until,
     write_config,
 )
@@ -216,6 +217,29 @@ def test_after_a_reload_readyz_probes_the_new_backend(legacy, started, pki):
     proxy.send_signal(signal.SIGHUP)
     proxy.wait_for_log("configuration reloaded", after=after)
     wait_until(lambda: http_get(f"http://127.0.0.1:{metrics_port}/readyz")[0] == 503, 10, "/readyz to follow the new backend")
+
+
+def test_tls_sessions_made_before_a_reload_resume_after_it(legacy, started, pki, tmp_path):
+    """The reloaded contexts seal and open tickets with the same keys as the old ones."""
+    port = free_port()
+    proxy = started(inbound_config(legacy, port, pki.server_cert(HOSTNAME)))
+    session = tmp_path / "session.pem"
+    assert "Reused" not in s_client_session(port, session, resume=False, server_name=HOSTNAME)
+    after = len(proxy.logs())
+    proxy.send_signal(signal.SIGHUP)
+    proxy.wait_for_log("configuration reloaded", after=after)
+    assert "Reused, TLSv1.3" in s_client_session(port, session, resume=True, server_name=HOSTNAME)
+
+
+def test_ticket_keys_rotate_every_session_lifetime_and_sessions_keep_resuming(legacy, started, pki, tmp_path):
+    """Which keys still open a ticket after one and two rotations is tested on real handshakes
+    in tests/unit/test_tls_ticket_keys.py; here the running proxy rotates on its own."""
+    port = free_port()
+    proxy = started(inbound_config(legacy, port, pki.server_cert(HOSTNAME), tls={"session_timeout": 2}))
+    proxy.wait_for_log("session-ticket keys rotated", timeout=10)
+    session = tmp_path / "session.pem"
+    assert "Reused" not in s_client_session(port, session, resume=False, server_name=HOSTNAME)
+    assert "Reused, TLSv1.3" in s_client_session(port, session, resume=True, server_name=HOSTNAME)
 
 
 # ----------------------------------------------------------------------- SIGHUP outbound

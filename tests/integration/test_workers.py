@@ -21,7 +21,7 @@ from tests.integration.peers import (
     SmtproxyProcess,
     free_port,
     http_get,
-    openssl_s_client,
+    s_client_session,
     wait_until,
     write_config,
 )
@@ -32,13 +32,14 @@ HOSTNAME = "mx.example.test"
 RECONNECTS = 12
 
 
-def workers_config(tmp_path, legacy: PostfixInstance, pki) -> tuple[Path, int, int]:
+def workers_config(tmp_path, legacy: PostfixInstance, pki, **inbound) -> tuple[Path, int, int]:
     cert = pki.server_cert(HOSTNAME)
     port, metrics_port = free_port(), free_port()
     config = {
         "inbound": {"listen": [f"{LOOPBACK}:{port}"], "implicit_tls_listen": [],
                     "backend": f"{LOOPBACK}:{legacy.port}", "hostname": HOSTNAME,
-                    "certificates": [{"cert_file": str(cert.cert_file), "key_file": str(cert.key_file)}]},
+                    "certificates": [{"cert_file": str(cert.cert_file), "key_file": str(cert.key_file)}],
+                    **inbound},
         "outbound": {"listen": []},
         "metrics": {"listen": f"{LOOPBACK}:{metrics_port}"},
         "tlsrpt": {"socket": ""},
@@ -61,10 +62,7 @@ def workers(tmp_path, postfix_factory, pki):
 
 
 def s_client(port: int, session_file, *, resume: bool) -> str:
-    option = "-sess_in" if resume else "-sess_out"
-    result = openssl_s_client(port, args=["-tls1_3", option, str(session_file), "-servername", HOSTNAME],
-                              input=b"QUIT\r\n")
-    return result.stdout
+    return s_client_session(port, session_file, resume=resume, server_name=HOSTNAME)
 
 
 def handshakes(process: SmtproxyProcess, count: int) -> list[dict]:
@@ -102,6 +100,27 @@ def test_sessions_resume_on_whichever_worker_and_one_scrape_sums_them(workers, t
         return total if total >= 1 + RECONNECTS else None
 
     assert wait_until(summed, 10, "the supervisor's scrape to count every handshake") == 1 + RECONNECTS
+
+
+def test_rotated_ticket_keys_reach_every_worker(tmp_path, postfix_factory, pki):
+    """The supervisor rotates the keys every session lifetime and sends each new one to the
+    workers: a session made after a rotation resumes on both workers."""
+    config_path, port, _ = workers_config(tmp_path, postfix_factory(), pki, tls={"session_timeout": 5})
+    process = SmtproxyProcess(config_path, args=("--workers", "2")).start()
+    try:
+        ready = process.wait_ready()
+        wait_until(lambda: {r.get("worker_pid") for r in process.logs()
+                            if r["event"] == "session-ticket keys rotated"} >= set(ready["pids"]) or None,
+                   20, "both workers to rotate their keys")
+        session = tmp_path / "session.pem"
+        assert "Reused" not in s_client(port, session, resume=False)
+        outputs = [s_client(port, session, resume=True) for _ in range(RECONNECTS)]
+        assert all("Reused, TLSv1.3" in output for output in outputs), [o[-400:] for o in outputs]
+        facts = handshakes(process, 1 + RECONNECTS)
+        assert {r["worker_pid"] for r in facts[1:]} == set(ready["pids"]), facts
+    finally:
+        process.stop()
+        print(f"--- smtproxy output ---\n{process.output_text()}")
 
 
 def test_a_dead_worker_is_restarted_and_the_proxy_keeps_serving(workers, tmp_path):

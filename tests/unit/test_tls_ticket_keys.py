@@ -1,6 +1,8 @@
-"""Shared session-ticket keys: what lets a client resume on another worker process.
+"""Session-ticket keys: shared, they let a client resume on another worker process; rotated,
+an old key stops opening tickets after two rotations.
 
-Two server contexts stand for two workers; a session made with one is offered to the other.
+Real OpenSSL handshakes over memory BIOs: two server contexts stand for two workers, and
+a session made with one is offered to the other.
 """
 
 from __future__ import annotations
@@ -12,18 +14,23 @@ import pytest
 import trustme
 
 from smtproxy.tls.engine import TlsEngine
-from smtproxy.tls.openssl_ext import TICKET_KEYS_LENGTH, set_ticket_keys
+from smtproxy.tls.openssl_ext import TICKET_KEY_LENGTH, TicketKeys
 from tests.unit.test_tls_client import handshake
 
 CA = trustme.CA()
 LEAF = CA.issue_cert("mx.example.test")
+VERSIONS = [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3]
 
 
-def worker_context(keys: bytes | None) -> ssl.SSLContext:
+def new_key() -> bytes:
+    return os.urandom(TICKET_KEY_LENGTH)
+
+
+def worker_context(keys: TicketKeys | None) -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     LEAF.configure_cert(context)
     if keys is not None:
-        set_ticket_keys(context, keys)
+        keys.install(context)
     return context
 
 
@@ -40,15 +47,15 @@ def connect(server_context: ssl.SSLContext, client_context: ssl.SSLContext, sess
     return client
 
 
-@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
+@pytest.mark.parametrize("version", VERSIONS)
 def test_shared_keys_resume_across_workers(version):
-    keys, client = os.urandom(TICKET_KEYS_LENGTH), client_context(version)
-    first = connect(worker_context(keys), client)
-    second = connect(worker_context(keys), client, session=first.ssl_object.session)
+    key, client = new_key(), client_context(version)
+    first = connect(worker_context(TicketKeys(key)), client)
+    second = connect(worker_context(TicketKeys(key)), client, session=first.ssl_object.session)
     assert second.ssl_object.session_reused
 
 
-@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
+@pytest.mark.parametrize("version", VERSIONS)
 def test_own_keys_do_not_resume_across_workers(version):
     client = client_context(version)
     first = connect(worker_context(None), client)
@@ -56,6 +63,30 @@ def test_own_keys_do_not_resume_across_workers(version):
     assert not second.ssl_object.session_reused
 
 
+@pytest.mark.parametrize("version", VERSIONS)
+def test_a_ticket_opens_after_one_rotation_and_not_after_two(version):
+    keys, client = TicketKeys(new_key()), client_context(version)
+    server = worker_context(keys)
+    session = connect(server, client).ssl_object.session
+    keys.rotate(new_key())
+    renewed = connect(server, client, session=session)
+    assert renewed.ssl_object.session_reused  # sealed by the previous key: still opens
+    keys.rotate(new_key())
+    assert not connect(server, client, session=session).ssl_object.session_reused
+    # the ticket that came with the resumed handshake is sealed by the key now previous
+    assert connect(server, client, session=renewed.ssl_object.session).ssl_object.session_reused
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_a_worker_started_later_gets_the_previous_key_too(version):
+    previous, current, client = new_key(), new_key(), client_context(version)
+    running = TicketKeys(previous)
+    session = connect(worker_context(running), client).ssl_object.session
+    running.rotate(current)
+    restarted = worker_context(TicketKeys(current, previous))
+    assert connect(restarted, client, session=session).ssl_object.session_reused
+
+
 def test_ticket_keys_have_openssls_length():
     with pytest.raises(ValueError, match="80 bytes"):
-        set_ticket_keys(worker_context(None), b"short")
+        TicketKeys(b"short")
