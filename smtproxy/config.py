@@ -797,6 +797,7 @@ class OutboundConfig:
     drain_timeout: float = _key(Seconds(), 30.0)
     max_connections: int = _key(Integer(1), 100)
     max_message_size: int = _key(Integer(1), 10240000)
+    max_errors: int = _key(Integer(1), 20)
     connection_cache_time_limit: float = _key(Seconds(), 2.0)
     connection_reuse_time_limit: float = _key(Seconds(), 300.0)
     connection_reuse_count_limit: int = _key(Integer(0, zero="unlimited"), 0)

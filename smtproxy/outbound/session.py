@@ -67,6 +67,7 @@ class OutboundSettings:
     idle_timeout: float
     reply_timeout: float
     max_message_size: int
+    max_errors: int = 20
 
 
 # (recipient domain, envelope sender) -> an open remote session ready for MAIL; raises
@@ -116,6 +117,9 @@ def filter_params(params: dict[str, str | None], allowed: dict[str, str], remote
     return "".join(f" {word}" for word in kept)
 
 
+NOT_RECOGNIZED = Reply.of(502, "5.5.2", "Error: command not recognized")
+
+
 class OutboundSession:
     def __init__(self, settings: OutboundSettings, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                  connect: Connect, release: Release, stale: Stale, bus: EventBus, log) -> None:
@@ -133,6 +137,7 @@ class OutboundSession:
         self._replies: list[bytes] = []  # answered, not yet written: see _flush
         self.messages = 0
         self.message_bytes = 0
+        self.errors = 0
         self._reset_transaction()
 
     def _reset_transaction(self) -> None:
@@ -204,19 +209,23 @@ class OutboundSession:
             while not self.writer.is_closing():
                 line = await self._next_command_line()
                 if line is LINE_TOO_LONG:
-                    self._write(Reply.of(500, "5.5.2", "Error: line too long"))
+                    if not self._refuse(Reply.of(500, "5.5.2", "Error: line too long")):
+                        break
                     continue
                 try:
                     command = parse_command(line)
                 except PeerProtocolError as exc:
-                    self._write(exc.reply)
+                    if not self._refuse(exc.reply):
+                        break
                     continue
                 refusal = self.smtp.check(command)
                 if self.sent_ahead and (refusal is not None or self.sent_ahead[0] != command):
                     await self._settle_sent_ahead()
-                if refusal is not None:
+                if refusal is not None and refusal.code == 221:
                     self._write(refusal)
-                    if refusal.code == 221:
+                    break
+                if refusal is not None:
+                    if not self._refuse(refusal):
                         break
                     if command.verb == "BDAT" and not await self._discard_chunk(command):
                         break
@@ -224,6 +233,10 @@ class OutboundSession:
                 reply = await self._handle(command)
                 if command.verb != "DATA" or reply.code != 354:
                     self.smtp.on_reply(command, reply)
+                if reply is NOT_RECOGNIZED:
+                    if not self._refuse(reply):
+                        break
+                    continue
                 self._write(reply)
                 if command.verb == "QUIT":
                     break
@@ -232,6 +245,16 @@ class OutboundSession:
         finally:
             self._flush()
             self._abandon_remote()
+
+    def _refuse(self, reply: Reply) -> bool:
+        """Answer a command refused here; at the `max_errors`th the answer is 421 instead
+        and False says the session ends (Postfix's smtpd_hard_error_limit)."""
+        self.errors += 1
+        if self.errors >= self.settings.max_errors:
+            self._write(Reply.of(421, "4.7.0", f"{self.settings.hostname} Error: too many errors"))
+            return False
+        self._write(reply)
+        return True
 
     async def _handle(self, command: Command) -> Reply:
         verb = command.verb
@@ -252,7 +275,7 @@ class OutboundSession:
             return Reply.of(250, "2.0.0", "Ok")
         if verb == "QUIT":
             return Reply.of(221, "2.0.0", "Bye")
-        return Reply.of(502, "5.5.2", "Error: command not recognized")
+        return NOT_RECOGNIZED
 
     def _ehlo_reply(self) -> Reply:
         return Reply(250, (

@@ -954,6 +954,21 @@ def test_a_refused_bdat_payload_is_dropped_not_read_as_commands(smtp_sink, start
         assert mta.command("QUIT").code == 221
 
 
+def test_an_mta_that_keeps_sending_errors_is_disconnected_at_max_errors(smtp_sink, start_outbound):
+    """Postfix's smtpd_hard_error_limit on the outbound listener: unknown, malformed,
+    overlong and out-of-sequence commands count; the fourth is answered 421 and the
+    connection closes. A good command in between does not reset the count."""
+    proxy = start_outbound({"sink.test": f"[127.0.0.1]:{smtp_sink.port}"}, default_level="may", max_errors=4)
+    with open_session(proxy) as mta:
+        assert mta.command("XYZZY").code == 502
+        assert mta.command("NOOP").code == 250
+        assert mta.command("RCPT TO:<user@sink.test>").code == 503
+        assert mta.command("NOOP " + "x" * 3000).code == 500
+        refused = mta.command("MAIL FROM:nobody")
+        assert refused.code == 421 and refused.text.startswith("4.7.0 out.example.test Error: too many errors"), refused
+        assert mta.expect_close() == b""
+
+
 def test_a_recipient_at_an_address_literal_is_delivered_there(smtp_sink, start_outbound):
     """user@[127.0.0.1] (RFC 5321 4.1.3): no MX lookup, the address itself on the default
     port; a malformed literal is refused by the router, not as bad syntax."""

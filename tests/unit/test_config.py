@@ -937,7 +937,7 @@ def test_render_round_trip_of_every_key_changed(tmp_path):
                      "policy_file": "policy", "routes_file": "routes", "ca_file": "ca.pem", "port": 587, "mx_address_limit": 2,
                      "hostname": "out.example.com", "bare_newline": "reject", "idle_timeout": 60,
                      "connect_timeout": 5, "handshake_timeout": 7, "reply_timeout": 9, "drain_timeout": 3,
-                     "max_connections": 7, "max_message_size": 1000, "connection_cache_time_limit": 1,
+                     "max_connections": 7, "max_message_size": 1000, "max_errors": 4, "connection_cache_time_limit": 1,
                      "connection_reuse_time_limit": 10, "connection_reuse_count_limit": 3,
                      "connection_cache_size": 5, "connection_cache_destination_size": 2,
                      "tls": {"min_protocol": "TLSv1.3", "max_protocol": "TLSv1.3", "ciphers": "HIGH",
