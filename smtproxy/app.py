@@ -30,7 +30,7 @@ from smtproxy.telemetry.metrics import Metrics, watch_backend
 from smtproxy.tls.certificates import ensure_certificate
 from smtproxy.tls.openssl_ext import TicketKeys
 from smtproxy.tls.server_context import ServerTls
-from smtproxy.tls.ticket_rotation import new_ticket_key, rotate_ticket_keys
+from smtproxy.tls.ticket_rotation import TicketKeyRotation, new_ticket_key
 from smtproxy.workers import Supervisor, WorkerLink
 
 log = structlog.get_logger("smtproxy")
@@ -200,10 +200,13 @@ async def serve(config: Config, link: WorkerLink | None = None) -> None:
         loop.add_signal_handler(signum, stop.set)
     current = config
     metrics_server: MetricsServer | None = None
+    rotation: TicketKeyRotation | None = None  # a worker's keys come from its supervisor
 
     def on_hangup() -> None:
         nonlocal current
         current = reload(current, bus, inbound, outbound, ticket_keys)
+        if rotation is not None:
+            rotation.reschedule()
         if metrics_server is not None:
             metrics_server.readiness.follow(current.inbound.backend, current.inbound.backend_connect_timeout)
 
@@ -218,19 +221,18 @@ async def serve(config: Config, link: WorkerLink | None = None) -> None:
         metrics_server = await start_metrics(config, metrics, inbound, outbound, lambda: not stop.is_set())
         if metrics_server is not None:
             listeners.append(f"{config.metrics.listen} (metrics)")
-        rotation = loop.create_task(rotate_ticket_keys(lambda: current.inbound.tls.session_timeout, on_new_ticket_key))
+        rotation = TicketKeyRotation(lambda: current.inbound.tls.session_timeout, on_new_ticket_key)
         log.info("smtproxy ready", listeners=listeners, backend=str(config.inbound.backend))
     else:
         watch_gauges(metrics, inbound, outbound)
         refresher = loop.create_task(_refresh_gauges(metrics))
-        rotation = None
         link.watch(on_new_ticket_key, stop.set)
         log.info("worker ready", listeners=listeners)
         link.ready()
     await stop.wait()
 
     if rotation is not None:
-        rotation.cancel()
+        rotation.stop()
     log.info("smtproxy stopping", active_sessions=len(inbound.connections),
              active_outbound_sessions=len(outbound.sessions) if outbound else 0)
     inbound.stop_listening()

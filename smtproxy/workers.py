@@ -30,7 +30,7 @@ from smtproxy.config import Config, ConfigError, load_config
 from smtproxy.telemetry.http import MetricsServer, Readiness
 from smtproxy.telemetry.metrics import MULTIPROCESS_DIR_VARIABLE, watch_backend
 from smtproxy.tls.openssl_ext import TICKET_KEY_LENGTH, TicketKeys
-from smtproxy.tls.ticket_rotation import new_ticket_key, rotate_ticket_keys
+from smtproxy.tls.ticket_rotation import TicketKeyRotation, new_ticket_key
 
 log = structlog.get_logger("smtproxy")
 
@@ -108,6 +108,7 @@ class Supervisor:
         self.stopping = asyncio.Event()
         self._changed = asyncio.Event()
         self._readiness: Readiness | None = None
+        self._rotation: TicketKeyRotation | None = None
 
     async def _start(self, worker: _Worker) -> None:
         worker.reload_pending = False  # it reads the file as it starts (a SIGHUP from now on is pending)
@@ -142,14 +143,22 @@ class Supervisor:
 
     def _new_ticket_key(self, key: bytes) -> None:
         """Every worker gets the new key; one being restarted gets it with the previous one
-        when it starts."""
+        when it starts. A worker whose channel cannot take 80 bytes has not read it for
+        thousands of rotations: it is wedged, and restarted with the keys in force."""
         self.ticket_keys = [self.ticket_keys[1], key]
         for worker in self.workers:
-            if worker.channel is not None and worker.process is not None and worker.process.returncode is None:
-                try:
-                    worker.channel.send(key)
-                except OSError:
-                    pass  # it is exiting: its replacement gets the keys as it starts
+            process = worker.process
+            if worker.channel is None or process is None or process.returncode is not None:
+                continue
+            try:
+                sent = worker.channel.send(key)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                continue  # it is exiting: its replacement gets the keys as it starts
+            if sent != len(key):
+                log.error("worker does not read its channel; restarting it", worker=worker.index, pid=process.pid)
+                process.kill()
 
     def _all_ready(self) -> bool:
         return all(worker.ready for worker in self.workers)
@@ -172,6 +181,8 @@ class Supervisor:
             if self._readiness is not None:
                 inbound = self.config.inbound
                 self._readiness.follow(inbound.backend, inbound.backend_connect_timeout)
+            if self._rotation is not None:
+                self._rotation.reschedule()
         for worker in self.workers:
             if worker.ready and worker.process is not None and worker.process.returncode is None:
                 worker.process.send_signal(signal.SIGHUP)
@@ -210,10 +221,9 @@ class Supervisor:
                 return 1
             log.info("smtproxy ready", workers=len(self.workers), pids=[w.process.pid for w in self.workers],
                      backend=str(self.config.inbound.backend))
-            rotation = loop.create_task(rotate_ticket_keys(lambda: self.config.inbound.tls.session_timeout,
-                                                           self._new_ticket_key))
+            self._rotation = TicketKeyRotation(lambda: self.config.inbound.tls.session_timeout, self._new_ticket_key)
             await self._keep_running()
-            rotation.cancel()
+            self._rotation.stop()
             log.info("smtproxy stopping", workers=len(self.workers))
             await self._stop_workers()
             if metrics_server is not None:

@@ -65,6 +65,7 @@ _SIGNATURES = {
     "SSL_SESSION_has_ticket": (ctypes.c_int, [_P]),
     "SSL_SESSION_get_id": (_P, [_P, ctypes.POINTER(ctypes.c_uint)]),
     "SSL_CTX_set_tlsext_ticket_key_evp_cb": (ctypes.c_int, [_P, _TICKET_KEY_CALLBACK]),
+    "SSL_CTX_set_session_id_context": (ctypes.c_int, [_P, ctypes.c_char_p, ctypes.c_uint]),
     "EVP_CIPHER_fetch": (_P, [_P, ctypes.c_char_p, ctypes.c_char_p]),
     "EVP_EncryptInit_ex": (ctypes.c_int, [_P, _P, _P, _P, _P]),
     "EVP_DecryptInit_ex": (ctypes.c_int, [_P, _P, _P, _P, _P]),
@@ -231,6 +232,8 @@ _OSSL_PARAM_UTF8_STRING, _OSSL_PARAM_OCTET_STRING = 4, 5
 _OSSL_PARAM_UNMODIFIED = ctypes.c_size_t(-1).value
 _SHA256 = ctypes.create_string_buffer(b"SHA256")
 _AES_256_CBC = _lib.EVP_CIPHER_fetch(None, b"AES-256-CBC", None)  # fetched once, kept for the process
+if not _AES_256_CBC:
+    raise ImportError("OpenSSL has no AES-256-CBC for session tickets")
 _IV_LENGTH = 16
 
 
@@ -254,9 +257,10 @@ class _TicketKey:
 
 class TicketKeys:
     """The keys that seal session tickets (TLS 1.2 tickets and TLS 1.3 resumption): the
-    newest seals, it and the one before it open.  Rotating them (as Postfix's tlsmgr does)
-    bounds how long a stolen key opens recorded tickets, which carry the session's secrets;
-    processes given the same keys resume each other's sessions."""
+    newest seals, it and the one before it open.  Rotating them (`ticket_rotation`) bounds
+    how long one key serves, and so which recorded tickets (they carry the session's
+    secrets) a stolen key opens; processes given the same keys resume each other's
+    sessions."""
 
     def __init__(self, current: bytes, previous: bytes | None = None) -> None:
         self._keys = [_TicketKey(current)] + ([_TicketKey(previous)] if previous is not None else [])
@@ -269,25 +273,42 @@ class TicketKeys:
     def install(self, context: ssl.SSLContext) -> None:
         _check(_lib.SSL_CTX_set_tlsext_ticket_key_evp_cb(_ctx_pointer(context), self._callback),
                "SSL_CTX_set_tlsext_ticket_key_evp_cb failed")
+        context.smtproxy_ticket_keys = self  # OpenSSL holds only a pointer to the callback
 
     def _on_ticket(self, _ssl: int, key_name: int, iv: int, cipher_ctx: int, mac_ctx: int, seal: int) -> int:
-        """OpenSSL's contract: sealing returns 1 (or < 0 to fail); opening returns 0 for an
+        """OpenSSL's contract: sealing returns 1 (0: no ticket); opening returns 0 for an
         unknown key (a full handshake follows), 1 for the current key, 2 for an older one
-        (the ticket is accepted and replaced by one under the current key)."""
-        if seal:
-            key = self._keys[0]
-            ctypes.memmove(key_name, key.name, 16)
-            ok = (_lib.RAND_bytes(iv, _IV_LENGTH) == 1
-                  and _lib.EVP_EncryptInit_ex(cipher_ctx, _AES_256_CBC, None, key.aes, iv) == 1
-                  and _lib.EVP_MAC_CTX_set_params(mac_ctx, key.mac_params) == 1)
-            return 1 if ok else -1
+        (the ticket is accepted and replaced by one under the current key).  An exception
+        here (none is expected) costs a ticket or a resumption, never the handshake."""
+        try:
+            if seal:
+                return self._seal(key_name, iv, cipher_ctx, mac_ctx)
+            return self._open(key_name, iv, cipher_ctx, mac_ctx)
+        except Exception:
+            return 0
+
+    def _seal(self, key_name: int, iv: int, cipher_ctx: int, mac_ctx: int) -> int:
+        key = self._keys[0]
+        ctypes.memmove(key_name, key.name, 16)
+        return int(_lib.RAND_bytes(iv, _IV_LENGTH) == 1
+                   and _lib.EVP_EncryptInit_ex(cipher_ctx, _AES_256_CBC, None, key.aes, iv) == 1
+                   and _lib.EVP_MAC_CTX_set_params(mac_ctx, key.mac_params) == 1)
+
+    def _open(self, key_name: int, iv: int, cipher_ctx: int, mac_ctx: int) -> int:
         name = ctypes.string_at(key_name, 16)
         for age, key in enumerate(self._keys):
             if key.name == name:
-                ok = (_lib.EVP_MAC_CTX_set_params(mac_ctx, key.mac_params) == 1
-                      and _lib.EVP_DecryptInit_ex(cipher_ctx, _AES_256_CBC, None, key.aes, iv) == 1)
-                return (2 if age else 1) if ok else -1
+                ready = (_lib.EVP_MAC_CTX_set_params(mac_ctx, key.mac_params) == 1
+                         and _lib.EVP_DecryptInit_ex(cipher_ctx, _AES_256_CBC, None, key.aes, iv) == 1)
+                return (2 if age else 1) if ready else 0
         return 0
+
+
+def set_session_id_context(context: ssl.SSLContext, value: bytes) -> None:
+    """OpenSSL resumes a session, cached or from a ticket, only under the session ID context
+    it was made under (at most 32 bytes; SSL_CTX_set_session_id_context)."""
+    _check(_lib.SSL_CTX_set_session_id_context(_ctx_pointer(context), value, len(value)),
+           "SSL_CTX_set_session_id_context failed")
 
 
 def set_verify_depth(context: ssl.SSLContext, depth: int) -> None:

@@ -6,8 +6,10 @@ one certificate per key type and picks by what the client supports).
 
 from __future__ import annotations
 
+import hashlib
 import ssl
 from collections.abc import Callable
+from pathlib import Path
 
 from smtproxy.events import PeerCertificate, PeerTrust
 from smtproxy.tls import openssl_ext
@@ -30,6 +32,7 @@ class ServerTls:
         own, one per context."""
         self.config = tls_cfg
         self._ticket_keys = ticket_keys
+        self._session_id_context = _session_id_context(tls_cfg)
         chains = list(certificates)
         # A name gets every chain that lists it (an ECDSA chain for [a, b] and an RSA chain
         # for [a] put both key types behind a); chains listing no name are the default.
@@ -88,6 +91,7 @@ class ServerTls:
         else:
             openssl_ext.set_dh_auto(context)
         openssl_ext.set_session_cache(context, cfg.session_cache_size, cfg.session_timeout)
+        openssl_ext.set_session_id_context(context, self._session_id_context)
         if cfg.client_certificate != "none":
             context.verify_mode = ssl.CERT_REQUIRED if cfg.client_certificate == "require" else ssl.CERT_OPTIONAL
             if cfg.client_ca_file is not None:
@@ -124,6 +128,19 @@ class ServerTls:
         if ca_verified or certificate.sha256_fingerprint in self.config.client_fingerprints:
             return PeerTrust.TRUSTED, certificate, None
         return PeerTrust.UNTRUSTED, certificate, "client certificate not trusted" if required else None
+
+
+def _session_id_context(cfg) -> bytes:
+    """A digest of what judged a client certificate: its mode, the CA file's contents and
+    the fingerprints. A resumed session keeps the verdict of its full handshake, so a
+    session made under other settings (before a reload that dropped a CA) must not resume:
+    OpenSSL refuses it, and the client's certificate is judged again. Every worker computes
+    the same digest, so sessions still cross workers."""
+    digest = hashlib.sha256(cfg.client_certificate.encode())
+    digest.update(b"\0" + (Path(cfg.client_ca_file).read_bytes() if cfg.client_ca_file is not None else b""))
+    for fingerprint in sorted(cfg.client_fingerprints):
+        digest.update(b"\0" + fingerprint.encode())
+    return digest.digest()
 
 
 def _chain_verified(engine: TlsEngine) -> bool:

@@ -22,6 +22,8 @@ from tests.integration.peers import (
     SmtproxyProcess,
     free_port,
     http_get,
+    Pki,
+    openssl_s_client,
     postfix_tls_server_params,
     run_swaks,
     s_client_session,
@@ -231,15 +233,51 @@ def test_tls_sessions_made_before_a_reload_resume_after_it(legacy, started, pki,
     assert "Reused, TLSv1.3" in s_client_session(port, session, resume=True, server_name=HOSTNAME)
 
 
-def test_ticket_keys_rotate_every_session_lifetime_and_sessions_keep_resuming(legacy, started, pki, tmp_path):
-    """Which keys still open a ticket after one and two rotations is tested on real handshakes
-    in tests/unit/test_tls_ticket_keys.py; here the running proxy rotates on its own."""
-    port = free_port()
-    proxy = started(inbound_config(legacy, port, pki.server_cert(HOSTNAME), tls={"session_timeout": 2}))
-    proxy.wait_for_log("session-ticket keys rotated", timeout=10)
+def test_a_reload_to_a_shorter_session_lifetime_rotates_the_ticket_keys_at_once(legacy, started, pki, tmp_path):
+    """Keys rotate every half session lifetime; a reload applies a new lifetime to the key
+    in use at once. A ticket (lifetime one hour, from before the reload) resumes after one
+    rotation and no longer after two: its key is gone, the session has not expired."""
+    port, cert = free_port(), pki.server_cert(HOSTNAME)
+    proxy = started(inbound_config(legacy, port, cert))
     session = tmp_path / "session.pem"
     assert "Reused" not in s_client_session(port, session, resume=False, server_name=HOSTNAME)
+    write_config(proxy.config_path.parent, inbound_config(legacy, port, cert, tls={"session_timeout": 4}))
+    after = len(proxy.logs())
+
+    def rotations(count: int) -> bool:
+        return len([r for r in proxy.logs()[after:] if r["event"] == "session-ticket keys rotated"]) >= count
+
+    proxy.send_signal(signal.SIGHUP)
+    proxy.wait_for_log("configuration reloaded", after=after)
+    wait_until(lambda: rotations(1), 10, "the rotation due since start + 2 s")
     assert "Reused, TLSv1.3" in s_client_session(port, session, resume=True, server_name=HOSTNAME)
+    wait_until(lambda: rotations(2), 10, "the next rotation, 2 s later")
+    assert "Reused" not in s_client_session(port, session, resume=True, server_name=HOSTNAME)
+
+
+@pytest.mark.parametrize("version", ["-tls1_2", "-tls1_3"])
+def test_a_reload_that_drops_the_client_ca_ends_the_trust_of_resumed_sessions(legacy, started, pki, tmp_path,
+                                                                             version):
+    """A resumed session keeps the verdict its full handshake got. After a reload that
+    trusts another CA, the session must not resume (its session ID context, a digest of the
+    client-certificate settings, no longer matches): the certificate is judged again."""
+    port, cert, known = free_port(), pki.server_cert(HOSTNAME), pki.client_cert("known.example.test")
+    other_ca = Pki(tmp_path / "other").ca_file
+    require = {"client_certificate": "require", "client_ca_file": str(pki.ca_file)}
+    proxy = started(inbound_config(legacy, port, cert, tls=require))
+    session, cert_args = tmp_path / "session.pem", ["-cert", str(known.cert_file), "-key", str(known.key_file)]
+    first = openssl_s_client(port, args=[version, *cert_args, "-sess_out", str(session)],
+                             input=b"EHLO client.test\r\nQUIT\r\n")
+    assert "\n250 " in first.stdout, first.stdout
+    write_config(proxy.config_path.parent, inbound_config(legacy, port, cert,
+                                                          tls={**require, "client_ca_file": str(other_ca)}))
+    after = len(proxy.logs())
+    proxy.send_signal(signal.SIGHUP)
+    proxy.wait_for_log("configuration reloaded", after=after)
+    second = openssl_s_client(port, args=[version, *cert_args, "-sess_in", str(session)],
+                              input=b"EHLO client.test\r\nQUIT\r\n")
+    assert "\nReused, " not in second.stdout and "421 4.7.1 " in second.stdout, second.stdout
+    assert "\n250 " not in second.stdout, second.stdout
 
 
 # ----------------------------------------------------------------------- SIGHUP outbound

@@ -103,9 +103,9 @@ def test_sessions_resume_on_whichever_worker_and_one_scrape_sums_them(workers, t
 
 
 def test_rotated_ticket_keys_reach_every_worker(tmp_path, postfix_factory, pki):
-    """The supervisor rotates the keys every session lifetime and sends each new one to the
-    workers: a session made after a rotation resumes on both workers."""
-    config_path, port, _ = workers_config(tmp_path, postfix_factory(), pki, tls={"session_timeout": 5})
+    """The supervisor rotates the keys every half session lifetime (5 s here) and sends each
+    new one to the workers: a session made after a rotation resumes on both workers."""
+    config_path, port, _ = workers_config(tmp_path, postfix_factory(), pki, tls={"session_timeout": 10})
     process = SmtproxyProcess(config_path, args=("--workers", "2")).start()
     try:
         ready = process.wait_ready()

@@ -7,6 +7,7 @@ a session made with one is offered to the other.
 
 from __future__ import annotations
 
+import gc
 import os
 import ssl
 
@@ -90,3 +91,15 @@ def test_a_worker_started_later_gets_the_previous_key_too(version):
 def test_ticket_keys_have_openssls_length():
     with pytest.raises(ValueError, match="80 bytes"):
         TicketKeys(b"short")
+
+
+def test_a_context_keeps_its_keys_alive():
+    """OpenSSL holds only a pointer to the callback: keys installed and then dropped by the
+    caller must not be collected (another callback would take over the freed closure)."""
+    key, client = new_key(), client_context(ssl.TLSVersion.TLSv1_2)
+    server = worker_context(TicketKeys(key))
+    gc.collect()
+    newcomer = TicketKeys(new_key())  # would reuse the freed closure
+    session = connect(server, client).ssl_object.session
+    assert connect(worker_context(TicketKeys(key)), client, session=session).ssl_object.session_reused
+    assert not connect(worker_context(newcomer), client, session=session).ssl_object.session_reused
