@@ -47,6 +47,9 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("smtproxy.inbound")
 _session_ids = itertools.count(1)
+# A closed connection waits for its last bytes to leave; a client that does not read them
+# within this time is cut off (else it would keep its connection slot indefinitely).
+CLOSE_LINGER_SECONDS = 5.0
 
 
 class InboundServer:
@@ -188,6 +191,7 @@ class ClientConnection(asyncio.Protocol):
         self._backend_timer: asyncio.TimerHandle | None = None
         self._backend_deadline = 0.0  # 0: not waiting for the backend
         self._handshake_timer: asyncio.TimerHandle | None = None
+        self._linger_timer: asyncio.TimerHandle | None = None
         self._backend_task: asyncio.Task[None] | None = None
         self.log = log
 
@@ -251,14 +255,22 @@ class ClientConnection(asyncio.Protocol):
             self._handshake_done()
         if plaintext and not self._closed:
             self._execute(self.session.client_data(plaintext))
-        if self.engine is not None and self.engine.peer_closed and not self._closed:
+        if self.engine is not None and self.engine.broken and not self._closed:
             self._execute(self.session.client_closed())
             self._close_client()
+        elif self.engine is not None and self.engine.peer_closed and not self._closed:
+            self._execute(self.session.client_input_ended())
+            if self.session.closed:
+                self._close_client()
 
     def eof_received(self) -> bool:
-        if self.session is not None:
-            self._execute(self.session.client_closed())
-        return False
+        """The client shut its side down: what it sent is still answered (a half-closed
+        socket can still be written), then the session closes. False lets the transport
+        close itself (connection_lost follows)."""
+        if self.session is None or self._closed:
+            return False
+        self._execute(self.session.client_input_ended())
+        return not self.session.closed
 
     def pause_writing(self) -> None:
         self.client_congested = True
@@ -276,7 +288,7 @@ class ClientConnection(asyncio.Protocol):
         if not self.session.closed:
             self._execute(self.session.client_closed())
         self._closed = True
-        for timer in (self._idle_timer, self._backend_timer, self._handshake_timer):
+        for timer in (self._idle_timer, self._backend_timer, self._handshake_timer, self._linger_timer):
             if timer is not None:
                 timer.cancel()
         if self._backend_task is not None and not self._backend_task.done():
@@ -408,6 +420,7 @@ class ClientConnection(asyncio.Protocol):
             self.engine.close()
             self._flush_tls()
         self.transport.close()
+        self._linger_timer = self.server.loop.call_later(CLOSE_LINGER_SECONDS, self.transport.abort)
 
     def update_reading(self) -> None:
         if self.transport is None or self.session is None or self._closed:

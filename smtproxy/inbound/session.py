@@ -197,6 +197,7 @@ class InboundSession:
         self._greeting: Reply | None = None
         self._greeted_client = False
         self._blocked_on_starttls = False
+        self._input_ended = False  # the client half-closed: see client_input_ended
         self._blocked_on_data_reply = False
         self._backend_chunking = False
         self._scanner: DataScanner | None = None
@@ -246,7 +247,7 @@ class InboundSession:
             actions += self._backend_reply(reply)
         if self._mode is _Mode.COMMANDS:
             actions += self._process_commands()  # those held back by a full pipeline
-        return actions
+        return actions + self._end_if_input_answered()
 
     def backend_closed(self) -> list[Action]:
         if self._backend is _Backend.GONE or self._mode is _Mode.CLOSED:
@@ -280,6 +281,26 @@ class InboundSession:
             self._backend = _Backend.GONE
             actions.append(CloseBackend())
         return actions
+
+    def client_input_ended(self) -> list[Action]:
+        """The client half-closed (EOF, or TLS close_notify): nothing more will come, but
+        what it sent is still answered before the session ends. A client that sent the
+        final dot and QUIT and then shut its side down must get the backend's verdict on
+        the message: cut off, it would send the message again, delivered twice. Mid-message
+        or mid-handshake the rest can never come: the session ends as if the client left."""
+        if self._mode is not _Mode.COMMANDS:
+            return self.client_closed()
+        self._input_ended = True
+        return self._end_if_input_answered()
+
+    def _end_if_input_answered(self) -> list[Action]:
+        if not self._input_ended or self._mode is _Mode.CLOSED:
+            return []
+        if self._mode is not _Mode.COMMANDS:  # a 354 or a STARTTLS after the end of input
+            return self.client_closed() + [CloseClient()]
+        if self._pending or not self._greeted_client:
+            return []
+        return self._close()
 
     def tls_established(self, tls_clauses: tuple[str, ...], refusal: str | None = None) -> list[Action]:
         """The handshake finished; `refusal` is set when policy rejects the client cert."""

@@ -79,7 +79,8 @@ class TlsEngine:
         self.ssl_object.handshake_trace = self.handshake_messages
         self.verification = VerifyRecorder()
         self.handshake_done = False
-        self.peer_closed = False
+        self.peer_closed = False  # close_notify received: the peer sends no more
+        self.broken = False  # a TLS error after the handshake: nothing more can be sent either
 
     def handshake(self) -> bool:
         """Advance the handshake; True once complete.  Raises TlsHandshakeError."""
@@ -101,8 +102,8 @@ class TlsEngine:
         """Feed ciphertext; returns decrypted application data (b"" while handshaking).
 
         When the handshake completes inside this call, application data that came with
-        it is returned too.  After the handshake, a TLS error or close_notify sets
-        `peer_closed`.
+        it is returned too.  After the handshake, close_notify sets `peer_closed`, and a
+        TLS error sets both `peer_closed` and `broken`.
         """
         self._incoming.write(data)
         if not self.handshake_done and not self.handshake():
@@ -115,8 +116,11 @@ class TlsEngine:
                 chunk = self.ssl_object.read(_READ_SIZE)
             except ssl.SSLWantReadError:
                 break
-            except (ssl.SSLZeroReturnError, ssl.SSLError):
+            except ssl.SSLZeroReturnError:
                 self.peer_closed = True
+                break
+            except ssl.SSLError:
+                self.peer_closed = self.broken = True
                 break
             if not chunk:
                 self.peer_closed = True

@@ -16,11 +16,13 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 import trustme
 
+from smtproxy.tls.engine import TlsEngine
 from tests.integration.peers import (
     CertFiles,
     Pki,
@@ -623,6 +625,78 @@ def test_asked_client_certificate_is_optional_and_named_in_the_trace_header(post
         # The client's CertificateVerify, read from the handshake (trustme keys: ECDSA P-256).
         signed = " client-signature ECDSA (P-256) client-digest SHA256" in line["event"]
         assert signed == (cert is not None), line
+
+
+# ----------------------------------------------------------------------- half-close and stuck clients
+
+TRANSACTION = "MAIL FROM:<a@example.org>\r\nRCPT TO:<user@example.test>\r\nDATA\r\n"
+
+
+def test_a_client_that_half_closes_after_the_dot_and_quit_gets_both_replies(postfix, start_proxy):
+    """As Postfix's smtpd does, what arrived before the EOF is answered: cut off, the
+    client would never learn that the message was accepted and would send it again."""
+    proxy = start_proxy(postfix.port)
+    marker = token()
+    with RawSmtpClient(proxy.port) as client:
+        assert client.read_reply().code == 220 and client.ehlo().code == 250
+        client.send(TRANSACTION.encode())
+        assert [client.read_reply().code for _ in range(3)] == [250, 250, 354]
+        client.send(f"Subject: {marker}\r\n\r\nbody\r\n.\r\nQUIT\r\n".encode())
+        client.sock.shutdown(socket.SHUT_WR)
+        assert [client.read_reply().code for _ in range(2)] == [250, 221]
+        assert client.expect_close() == b""
+    delivered_with(postfix, marker)
+    assert proxy.process.wait_for_log("message relayed")["result"] == "accepted"
+
+
+def test_a_tls_client_that_sends_close_notify_after_quit_gets_every_reply(postfix, start_proxy, pki):
+    """The same with TLS: the whole session pipelined after the handshake, then
+    close_notify; every reply still comes, then the proxy's own close_notify."""
+    proxy = start_proxy(postfix.port)
+    marker = token()
+    with RawSmtpClient(proxy.port) as client:
+        assert client.read_reply().code == 220 and client.ehlo().code == 250
+        assert client.command("STARTTLS").code == 220
+        engine = TlsEngine(pki.client_context(), server_side=False, server_hostname=HOSTNAME)
+        engine.handshake()
+        while not engine.handshake_done:
+            client.sock.sendall(engine.outgoing())
+            engine.receive(client.sock.recv(65536))
+        engine.send(f"EHLO c.test\r\n{TRANSACTION}Subject: {marker}\r\n\r\nbody\r\n.\r\nQUIT\r\n".encode())
+        engine.close()
+        client.sock.sendall(engine.outgoing())
+        replies = b""
+        while chunk := client.sock.recv(65536):
+            replies += engine.receive(chunk)
+    codes = [line[:4] for line in replies.decode().split("\r\n") if line[3:4] == " "]
+    assert codes == ["250 ", "250 ", "250 ", "354 ", "250 ", "221 "], replies
+    assert engine.peer_closed
+    delivered_with(postfix, marker)
+
+
+def test_a_client_that_never_reads_is_cut_off_after_the_idle_timeout(smtp_sink, start_proxy):
+    """It pipelines EHLOs and reads none of the replies (smtp-sink answers them fast).
+    Once nothing moves for idle_timeout, the proxy answers 421 and closes, which cannot
+    flush either: the connection is then aborted, instead of keeping its slot for as long
+    as the client keeps its socket open."""
+    proxy = start_proxy(smtp_sink.port, idle_timeout=2)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", proxy.port))
+    sock.setblocking(False)
+    burst, deadline = b"EHLO stuck.example.test\r\n" * 1000, time.monotonic() + 10
+    try:
+        while time.monotonic() < deadline:
+            try:
+                sock.send(burst)
+            except BlockingIOError:
+                break  # the proxy stopped reading: its replies fill every buffer
+        idle = proxy.process.wait_for_log("timeout after idle", timeout=30)
+        ended = proxy.process.wait_for_log(lambda r: r["event"] == "disconnect from unknown[127.0.0.1]", timeout=20)
+        lingered = datetime.fromisoformat(ended["timestamp"]) - datetime.fromisoformat(idle["timestamp"])
+        assert lingered.total_seconds() < 10, (idle, ended)
+    finally:
+        sock.close()
 
 
 # ----------------------------------------------------------------------- bad input

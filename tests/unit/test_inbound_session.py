@@ -212,6 +212,46 @@ def test_client_vanishes_mid_data_closes_backend_without_final_dot():
     assert not sent.endswith(b"\r\n.\r\n")
 
 
+def test_a_client_that_half_closes_after_the_final_dot_still_gets_the_verdict():
+    """Postfix's smtpd answers what it read before the EOF; cut off here, the client would
+    send the accepted message again (delivered twice)."""
+    session = ehloed()
+    sent, _ = _deliver(session, b"Subject: done\r\n\r\nbody\r\n.\r\nQUIT\r\n")
+    assert sent.endswith(b"\r\n.\r\nQUIT\r\n")
+    actions = session.client_input_ended()
+    assert actions == []  # the backend's replies are still due
+    actions = session.backend_data(b"250 2.0.0 Ok: queued as 4F2\r\n221 2.0.0 Bye\r\n")
+    assert to_client(actions) == b"250 2.0.0 Ok: queued as 4F2\r\n221 2.0.0 Bye\r\n"
+    assert any(isinstance(a, MessageFinished) and a.result == "accepted" for a in actions)
+    assert CloseClient() in actions
+
+
+def test_a_half_close_with_nothing_pending_ends_the_session():
+    session = ehloed()
+    actions = session.client_input_ended()
+    assert CloseClient() in actions and CloseBackend() in actions
+
+
+def test_a_half_close_mid_data_ends_the_session_without_the_final_dot():
+    session = ehloed()
+    _deliver(session, b"Subject: partial\r\n")
+    actions = session.client_input_ended()
+    assert CloseBackend() in actions
+    assert not any(isinstance(a, SendClient) for a in actions)
+    assert any(isinstance(a, MessageFinished) and a.result == "failed" for a in actions)
+
+
+def test_a_half_close_before_data_content_ends_the_session_at_the_354():
+    """DATA pipelined, then EOF: the content can never come; the session ends when the 354
+    arrives, and the backend gets no final dot."""
+    session = ehloed()
+    session.client_data(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.test>\r\nDATA\r\n")
+    assert session.client_input_ended() == []
+    actions = session.backend_data(b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 End data\r\n")
+    assert CloseBackend() in actions and CloseClient() in actions
+    assert b".\r\n" not in to_backend(actions)
+
+
 def test_pipelined_replies_keep_command_order_with_local_refusals():
     session = ehloed()
     actions = session.client_data(b"MAIL FROM:<a@example.org>\r\nXCLIENT ADDR=1.2.3.4\r\nRCPT TO:<b@example.test>\r\n")
