@@ -36,7 +36,7 @@ class PeerCertificate:
     subject_cn: str | None
     issuer_cn: str | None
     sha256_fingerprint: str  # colon-separated upper-case hex, as Postfix prints it
-    pubkey_sha256_fingerprint: str
+    pubkey_sha256_fingerprint: str | None  # None: the public key could not be parsed
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

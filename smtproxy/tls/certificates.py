@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.x509.oid import NameOID
@@ -47,19 +48,41 @@ _PARSED_CERTIFICATES = 256
 
 
 @functools.lru_cache(maxsize=_PARSED_CERTIFICATES)
-def peer_key_detail(der: bytes) -> tuple[str, str | None]:
-    return key_detail(x509.load_der_x509_certificate(der).public_key())
+def parse_peer_certificate(der: bytes) -> x509.Certificate | None:
+    """None for a certificate OpenSSL accepted but cryptography's stricter DER parser
+    refuses (e.g. a UTCTime without seconds, which BER allows): a peer must not break
+    the session by it. Such a certificate is known by its fingerprint only."""
+    try:
+        return x509.load_der_x509_certificate(der)
+    except ValueError:
+        return None
+
+
+def _public_key(der: bytes):
+    cert = parse_peer_certificate(der)
+    if cert is None:
+        return None
+    try:
+        return cert.public_key()
+    except (ValueError, UnsupportedAlgorithm):
+        return None
+
+
+@functools.lru_cache(maxsize=_PARSED_CERTIFICATES)
+def peer_key_detail(der: bytes) -> tuple[str, str | None] | None:
+    key = _public_key(der)
+    return key_detail(key) if key is not None else None
 
 
 @functools.lru_cache(maxsize=_PARSED_CERTIFICATES)
 def peer_certificate(der: bytes) -> PeerCertificate:
-    cert = x509.load_der_x509_certificate(der)
-    spki = cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    cert, key = parse_peer_certificate(der), _public_key(der)
+    spki = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo) if key else None
     return PeerCertificate(
-        subject_cn=_common_name(cert.subject),
-        issuer_cn=_common_name(cert.issuer),
+        subject_cn=_common_name(cert.subject) if cert is not None else None,
+        issuer_cn=_common_name(cert.issuer) if cert is not None else None,
         sha256_fingerprint=colon_hex(hashlib.sha256(der).digest()),
-        pubkey_sha256_fingerprint=colon_hex(hashlib.sha256(spki).digest()),
+        pubkey_sha256_fingerprint=colon_hex(hashlib.sha256(spki).digest()) if spki is not None else None,
     )
 
 

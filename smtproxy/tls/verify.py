@@ -27,7 +27,7 @@ from cryptography.x509.oid import NameOID
 
 from smtproxy.events import PeerCertificate, PeerTrust
 from smtproxy.policy.levels import Level, Policy
-from smtproxy.tls.certificates import peer_certificate
+from smtproxy.tls.certificates import parse_peer_certificate, peer_certificate
 from smtproxy.tls.engine import RESULT_TYPES, TlsEngine, TlsHandshakeError
 from smtproxy.tls.openssl_ext import VerifyVerdict
 
@@ -72,8 +72,11 @@ def reference_names(match: tuple[str, ...], *, mx_hostname: str, nexthop: str) -
             yield name
 
 
-def certificate_names(certificate: x509.Certificate) -> list[str]:
-    """DNS subjectAltNames, else the subject CommonNames (RFC 2818 3.1, as Postfix)."""
+def certificate_names(certificate: x509.Certificate | None) -> list[str]:
+    """DNS subjectAltNames, else the subject CommonNames (RFC 2818 3.1, as Postfix); none
+    from a certificate that could not be parsed (so it matches no name)."""
+    if certificate is None:
+        return []
     try:
         san = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
@@ -105,7 +108,7 @@ def _fingerprint_matches(certificate: PeerCertificate, match: tuple[str, ...]) -
     """Certificate or public-key SHA-256 digest listed (colons optional, as Postfix >= 3.6)."""
     listed = {_bare_hex(digest) for digest in match}
     presented = (certificate.sha256_fingerprint, certificate.pubkey_sha256_fingerprint)
-    return any(_bare_hex(digest) in listed for digest in presented)
+    return any(_bare_hex(digest) in listed for digest in presented if digest is not None)
 
 
 def evaluate_server(engine: TlsEngine, policy: Policy, *, mx_hostname: str, nexthop: str) -> ServerVerdict:
@@ -123,7 +126,7 @@ def evaluate_server(engine: TlsEngine, policy: Policy, *, mx_hostname: str, next
     if policy.level is Level.FINGERPRINT:
         matched, mismatch = _fingerprint_matches(certificate, policy.match), _FINGERPRINT_MISMATCH
     elif policy.level in (Level.VERIFY, Level.SECURE):
-        names = certificate_names(x509.load_der_x509_certificate(der))
+        names = certificate_names(parse_peer_certificate(der))
         references = reference_names(policy.match_or_default, mx_hostname=mx_hostname, nexthop=nexthop)
         matched = untrusted is None and any(name_matches(n, r) for r in references for n in names)
         mismatch = untrusted or _HOSTNAME_MISMATCH

@@ -15,10 +15,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from smtproxy.config import OutboundTlsConfig
-from smtproxy.events import PeerTrust
+from smtproxy.events import Direction, PeerTrust
 from smtproxy.policy.levels import Level, Policy
 from smtproxy.tls.certificates import colon_hex
 from smtproxy.tls.client_context import ClientTls
+from smtproxy.tls.facts import build_facts
 from smtproxy.tls.openssl_ext import VerifyVerdict
 from smtproxy.tls.verify import (
     ServerVerdict,
@@ -309,3 +310,79 @@ def test_chain_failure_is_the_verdict_nearest_the_leaf() -> None:
     assert chain_failure([VerifyVerdict(depth=0, code=9, message="certificate is not yet valid")]) == (
         "validation-failure", "certificate_is_not_yet_valid",
     )
+
+
+# ------------------------------------------------------------------ certificates only OpenSSL parses
+
+
+def _tlv(tag: int, body: bytes) -> bytes:
+    length = len(body)
+    head = bytes([length]) if length < 0x80 else bytes([0x80 | (length.bit_length() + 7) // 8]) + length.to_bytes(
+        (length.bit_length() + 7) // 8, "big")
+    return bytes([tag]) + head + body
+
+
+def _children(body: bytes) -> list[tuple[int, bytes, bytes]]:
+    """(tag, content, whole TLV) of each DER element in `body`."""
+    found, offset = [], 0
+    while offset < len(body):
+        tag, length, start = body[offset], body[offset + 1], offset + 2
+        if length & 0x80:
+            size = length & 0x7F
+            length, start = int.from_bytes(body[start:start + size], "big"), start + size
+        found.append((tag, body[start:start + length], body[offset:start + length]))
+        offset = start + length
+    return found
+
+
+def utctime_without_seconds(tmp_path: Path) -> tuple[ssl.SSLContext, bytes]:
+    """A server whose self-signed certificate writes its validity as YYMMDDHHMMZ: BER that
+    OpenSSL accepts and cryptography's strict DER parser refuses."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, MX)])
+    start = datetime.datetime(2025, 1, 1, tzinfo=datetime.timezone.utc)
+    der = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+           .serial_number(1).not_valid_before(start).not_valid_after(start + datetime.timedelta(days=3650))
+           .sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.DER))
+    tbs, algorithm, _ = _children(_children(der)[0][1])
+    fields = []
+    for tag, body, whole in _children(tbs[1]):
+        times = _children(body) if tag == 0x30 else []
+        if len(times) == 2 and all(t == 0x17 for t, _, _ in times):  # the Validity
+            whole = _tlv(0x30, b"".join(_tlv(0x17, value[:10] + b"Z") for _, value, _ in times))
+        fields.append(whole)
+    new_tbs = _tlv(0x30, b"".join(fields))
+    signature = key.sign(new_tbs, ec.ECDSA(hashes.SHA256()))
+    bad = _tlv(0x30, new_tbs + algorithm[2] + _tlv(0x03, b"\0" + signature))
+    cert_file, key_file = tmp_path / "bad.pem", tmp_path / "bad.key"
+    cert_file.write_text(ssl.DER_cert_to_PEM_cert(bad))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert_file, key_file)
+    return context, bad
+
+
+@pytest.mark.parametrize(("level", "trust", "failed"), [
+    (Level.MAY, PeerTrust.UNTRUSTED, False),
+    (Level.VERIFY, PeerTrust.UNTRUSTED, True),
+    (Level.FINGERPRINT, PeerTrust.VERIFIED, False),
+])
+def test_a_certificate_cryptography_cannot_parse_is_known_by_its_fingerprint(
+        level, trust, failed, client: ClientTls, tmp_path: Path) -> None:
+    """A remote MX (or client) may present one: the session goes on as under any other
+    certificate the level does not accept, instead of failing with a traceback."""
+    server, der = utctime_without_seconds(tmp_path)
+    with pytest.raises(ValueError):
+        x509.load_der_x509_certificate(der)
+    fingerprint = colon_hex(hashlib.sha256(der).digest())
+    policy = Policy(level, match=(fingerprint,) if level is Level.FINGERPRINT else ())
+    engine = client.new_engine(policy, MX)
+    handshake(engine, server)
+    verdict = evaluate_server(engine, policy, mx_hostname=MX, nexthop=DOMAIN)
+    assert (verdict.trust, verdict.failure is not None) == (trust, failed), verdict
+    assert verdict.certificate is not None
+    assert (verdict.certificate.sha256_fingerprint, verdict.certificate.subject_cn) == (fingerprint, None)
+    facts = build_facts(engine, direction=Direction.OUTBOUND, peer_name=MX, peer_addr="192.0.2.1", peer_port=25,
+                        duration=0.0, peer_trust=verdict.trust, peer_certificate=verdict.certificate)
+    assert (facts.server_signature, facts.server_signature_detail) == ("ECDSA", None)  # the key is not parsed
