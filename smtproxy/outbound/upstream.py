@@ -13,6 +13,7 @@ import asyncio
 import time
 
 from smtproxy.smtp import PeerProtocolError, Reply, ReplyParser
+from smtproxy.smtp.replies import MAX_REPLY_LINES
 from smtproxy.tls.engine import TlsEngine, TlsHandshakeError
 
 
@@ -38,6 +39,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.discarded_after_starttls = 0
         self.created = time.monotonic()
         self._parser = ReplyParser(max_reply_line)
+        # more unread than the longest reply accepted: the remote sends what nobody asked for
+        self._max_unread = MAX_REPLY_LINES * max_reply_line
         self._loop = asyncio.get_running_loop()  # once: each call costs a getpid()
         self._waiter: asyncio.Future[None] | None = None
         self._closed_reason: str | None = None
@@ -77,6 +80,9 @@ class UpstreamConnection(asyncio.Protocol):
             self._parser.feed(plaintext)
             if self.engine.peer_closed:
                 self._closed_reason = self._closed_reason or "lost connection"
+        if self._parser.unread > self._max_unread:
+            self._closed_reason = self._closed_reason or "remote sent more than any reply"
+            self.abort()
         self._wake()
 
     def eof_received(self) -> bool:

@@ -98,6 +98,11 @@ class ReplyParser:
     def feed(self, data: bytes) -> None:
         self._buffer += data
 
+    @property
+    def unread(self) -> int:
+        """Bytes received and not yet returned as part of a reply."""
+        return len(self._buffer)
+
     def take_buffer(self) -> bytes:
         """Remove and return every byte not yet returned as part of a reply."""
         data = bytes(self._buffer)

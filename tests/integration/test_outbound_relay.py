@@ -969,6 +969,36 @@ def test_an_mta_that_keeps_sending_errors_is_disconnected_at_max_errors(smtp_sin
         assert mta.expect_close() == b""
 
 
+def test_a_remote_that_floods_a_cached_connection_is_cut_off(start_outbound, scripted_remote):
+    """Unasked-for bytes on a parked connection are buffered no further than the longest
+    reply smtproxy accepts (1000 lines of 2048 bytes): then the connection is dropped,
+    instead of growing the proxy's memory for as long as the remote keeps sending."""
+    flood, limit = b"x" * 65536, 64 * 1024 * 1024
+
+    def script(c: Conversation) -> None:
+        c.accept_envelope(b"mx.flood.test", pipelining=True)
+        c.expect(b"DATA")
+        c.send(b"354 go ahead\r\n")
+        c.data()
+        c.send(b"250 2.0.0 queued\r\n")
+        c.goodbye()  # the RSET: the connection is parked for reuse
+        sent = 0
+        try:
+            while sent < limit:
+                c.sock.sendall(flood)
+                sent += len(flood)
+        except OSError:
+            c.notes["cut off after"] = sent
+
+    remote = scripted_remote(script)
+    proxy = start_outbound({"flood.test": f"[127.0.0.1]:{remote.port}"}, default_level="may",
+                           connection_cache_time_limit=60)
+    with open_session(proxy) as mta:
+        assert relay_in_session(mta, "user@flood.test", token())[1].code == 250
+    remote.join()
+    assert remote.notes.get("cut off after", limit) < 16 * 1024 * 1024, remote.notes
+
+
 def test_a_recipient_at_an_address_literal_is_delivered_there(smtp_sink, start_outbound):
     """user@[127.0.0.1] (RFC 5321 4.1.3): no MX lookup, the address itself on the default
     port; a malformed literal is refused by the router, not as bad syntax."""
