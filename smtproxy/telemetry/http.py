@@ -34,6 +34,7 @@ class Readiness:
         self.backend_up = backend is None
         self._probed_at: float | None = None
         self._lock = asyncio.Lock()
+        self._probe: asyncio.Task[str | None] | None = None
 
     def follow(self, backend: Address | None, timeout: float) -> None:
         """A reload changed the backend: probe the new one (the next check does)."""
@@ -51,6 +52,13 @@ class Readiness:
                 self.backend_up = await _accepts(self.backend, self.timeout)
                 self._probed_at = time.monotonic()
         return None if self.backend_up else f"backend {self.backend} is not reachable"
+
+    def refresh(self) -> None:
+        """Probe in the background, for /metrics: a scrape must not wait up to
+        backend_connect_timeout for a backend that hangs (Prometheus would give up on the
+        scrape, and smtproxy_backend_up would vanish instead of reading 0)."""
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.get_running_loop().create_task(self.check())
 
 
 async def _accepts(address: Address, timeout: float) -> bool:
@@ -71,6 +79,7 @@ class MetricsServer:
     async def start(self, address: Address) -> None:
         self._server = await asyncio.start_server(self._serve, address.host, address.port,
                                                   reuse_address=True, limit=REQUEST_HEAD_LIMIT)
+        self.readiness.refresh()  # the first scrape already shows whether the backend answers
 
     def close(self) -> None:
         if self._server is not None:
@@ -102,7 +111,7 @@ class MetricsServer:
             return 405, "text/plain", b"only GET and HEAD\n", method
         path = target.split("?", 1)[0]
         if path == "/metrics":
-            await self.readiness.check()  # refreshes smtproxy_backend_up
+            self.readiness.refresh()  # smtproxy_backend_up: this scrape shows the last probe's result
             accept = next((line.split(":", 1)[1].strip() for line in header_lines
                            if line.lower().startswith("accept:")), "")
             encode, content_type = choose_encoder(accept)
