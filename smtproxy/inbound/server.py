@@ -527,7 +527,10 @@ class ClientConnection(asyncio.Protocol):
         if not self.session.awaiting_backend or self.session.closed:
             self._backend_deadline = 0.0
         elif not self._backend_deadline:
-            self._backend_deadline = time.monotonic() + self.server.config.backend_timeout
+            config = self.server.config
+            # connecting and greeting together get backend_connect_timeout; each reply after that backend_timeout
+            limit = config.backend_timeout if self.session.backend_greeted else config.backend_connect_timeout
+            self._backend_deadline = time.monotonic() + limit
             if self._backend_timer is None:
                 self._backend_timer = self.server.loop.call_at(self._backend_deadline, self._backend_timed_out)
 

@@ -319,7 +319,14 @@ class InboundSession:
     def timed_out(self) -> list[Action]:
         return self._fail(Reply.of(421, "4.4.2", f"{self.settings.hostname} Error: timeout exceeded"))
 
+    @property
+    def backend_greeted(self) -> bool:
+        """The backend's greeting (and our identification of the client) is over."""
+        return self._backend in (_Backend.READY, _Backend.GONE)
+
     def backend_timed_out(self) -> list[Action]:
+        if not self.backend_greeted:
+            return self.backend_failed()
         return self._fail(
             Reply.of(421, "4.4.2", f"{self.settings.hostname} Error: backend did not answer in time"),
             close_backend=True,

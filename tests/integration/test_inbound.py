@@ -627,6 +627,18 @@ def test_asked_client_certificate_is_optional_and_named_in_the_trace_header(post
         assert signed == (cert is not None), line
 
 
+def test_a_backend_that_accepts_but_never_greets_gets_the_client_421_after_the_connect_timeout(start_proxy):
+    """Connecting and greeting together get backend_connect_timeout (not backend_timeout,
+    300 s): the client hears 421 4.3.0 as for a backend that is down."""
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # the kernel accepts; nobody greets
+        proxy = start_proxy(silent.getsockname()[1], backend_connect_timeout=1)
+        began = time.monotonic()
+        with RawSmtpClient(proxy.port) as client:
+            reply = client.read_reply(timeout=10)
+        assert reply.code == 421 and reply.lines[0].startswith("4.3.0 "), reply
+        assert time.monotonic() - began < 5
+
+
 # ----------------------------------------------------------------------- half-close and stuck clients
 
 TRANSACTION = "MAIL FROM:<a@example.org>\r\nRCPT TO:<user@example.test>\r\nDATA\r\n"

@@ -40,7 +40,7 @@ def test_the_readme_names_exactly_two_commands_and_ci_runs_the_test_one():
 def test_the_run_command_starts_the_bundled_example_and_makes_its_certificate(tmp_path):
     examples = tmp_path / "examples"
     shutil.copytree(REPO / "examples", examples, ignore=shutil.ignore_patterns("certs"))
-    ports = {25: free_port(), 465: free_port(), 10026: free_port(), 9464: free_port()}
+    ports = {25: free_port(), 465: free_port(), 10025: free_port(), 9464: free_port()}
     config = examples / "smtproxy.toml"
     text = config.read_text()
     for old, new in ports.items():

@@ -1012,7 +1012,7 @@ def test_example_loads():
     assert certificate.cert_file == examples / "certs" / "ecdsa.pem"
     assert certificate.key_file == examples / "certs" / "ecdsa.key"
     assert certificate.self_signed_if_missing is True
-    assert config.outbound.listen == (Address("127.0.0.1", 10026),)
+    assert config.outbound.listen == (Address("127.0.0.1", 10025),)
     assert config.outbound.policy_file == examples / "tls_policy"
     assert config.outbound.routes_file == examples / "routes"
     assert config.metrics.listen == Address("127.0.0.1", 9464)
