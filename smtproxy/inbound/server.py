@@ -227,12 +227,13 @@ class ClientConnection(asyncio.Protocol):
         if self.implicit_tls:
             self._start_tls()
         self._backend_task = self.server.loop.create_task(self._connect_backend())
+        self._arm_backend_timer()  # from now: connecting and greeting share backend_connect_timeout
         self._touch()
         self.update_reading()
 
     def data_received(self, data: bytes) -> None:
-        if self.session is None or self._closed:
-            return
+        if self.session is None or self._closed or (self.engine is not None and self.engine.peer_closed):
+            return  # after close_notify the client has nothing more to say: bytes are dropped
         self._touch()
         if self.engine is None:
             self._execute(self.session.client_data(data))
@@ -425,7 +426,8 @@ class ClientConnection(asyncio.Protocol):
     def update_reading(self) -> None:
         if self.transport is None or self.session is None or self._closed:
             return
-        pause = self.session.input_blocked or self.backend_congested or self.client_congested
+        pause = (self.session.input_blocked or self.backend_congested or self.client_congested
+                 or (self.engine is not None and self.engine.peer_closed))
         if pause and not self._reading_paused:
             self.transport.pause_reading()
             self._reading_paused = True

@@ -103,8 +103,11 @@ class TlsEngine:
 
         When the handshake completes inside this call, application data that came with
         it is returned too.  After the handshake, close_notify sets `peer_closed`, and a
-        TLS error sets both `peer_closed` and `broken`.
+        TLS error sets both `peer_closed` and `broken`. After that, bytes are dropped, not
+        buffered: OpenSSL reads no more of them, and a peer could send without end.
         """
+        if self.peer_closed:
+            return b""
         self._incoming.write(data)
         if not self.handshake_done and not self.handshake():
             return b""

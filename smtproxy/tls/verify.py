@@ -81,6 +81,8 @@ def certificate_names(certificate: x509.Certificate | None) -> list[str]:
         san = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         san = None
+    except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType):
+        return []  # extensions are parsed only now: one cryptography refuses names nothing
     names = san.get_values_for_type(x509.DNSName) if san is not None else []
     if not names:
         names = [str(cn.value) for cn in certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]

@@ -330,18 +330,22 @@ def test_prometheus_evaluates_the_alert_rules_and_none_fires_on_healthy_traffic(
 # ----------------------------------------------------------------------------- health
 
 
-def test_readyz_follows_the_backend_and_healthz_the_process(tmp_path, pki: Pki):
+def inbound_with_metrics(pki: Pki, backend_port: int, metrics_port: int, **inbound) -> dict:
     chain = pki.server_cert("mx.example.test")
+    return {
+        "inbound": {"listen": [f"127.0.0.1:{free_port()}"], "implicit_tls_listen": [],
+                    "backend": f"127.0.0.1:{backend_port}", **inbound,
+                    "certificates": [{"cert_file": str(chain.cert_file), "key_file": str(chain.key_file)}]},
+        "outbound": {"listen": []},
+        "metrics": {"listen": f"127.0.0.1:{metrics_port}"},
+        "tlsrpt": {"socket": ""},
+    }
+
+
+def test_readyz_follows_the_backend_and_healthz_the_process(tmp_path, pki: Pki):
     metrics_port = free_port()
     with SmtpSink(tmp_path / "sink") as sink:
-        config = {
-            "inbound": {"listen": [f"127.0.0.1:{free_port()}"], "implicit_tls_listen": [],
-                        "backend": f"127.0.0.1:{sink.port}",
-                        "certificates": [{"cert_file": str(chain.cert_file), "key_file": str(chain.key_file)}]},
-            "outbound": {"listen": []},
-            "metrics": {"listen": f"127.0.0.1:{metrics_port}"},
-            "tlsrpt": {"socket": ""},
-        }
+        config = inbound_with_metrics(pki, sink.port, metrics_port)
         with SmtproxyProcess(write_config(tmp_path / "proxy", config)) as proxy:
             proxy.wait_ready()
             base = f"http://127.0.0.1:{metrics_port}"
@@ -361,18 +365,10 @@ def test_a_scrape_does_not_wait_for_a_backend_that_hangs(tmp_path, pki: Pki):
     answers at once with smtproxy_backend_up 0 (a scrape waiting backend_connect_timeout
     would time out in Prometheus, and the series would vanish instead of reading 0);
     /readyz still waits for the probe, bounded by backend_connect_timeout."""
-    chain = pki.server_cert("mx.example.test")
     metrics_port = free_port()
     with socket.create_server(("127.0.0.1", 0), backlog=0) as hung, \
             socket.create_connection(hung.getsockname(), timeout=5):  # fills the queue: later SYNs are dropped
-        config = {
-            "inbound": {"listen": [f"127.0.0.1:{free_port()}"], "implicit_tls_listen": [],
-                        "backend": f"127.0.0.1:{hung.getsockname()[1]}", "backend_connect_timeout": 8,
-                        "certificates": [{"cert_file": str(chain.cert_file), "key_file": str(chain.key_file)}]},
-            "outbound": {"listen": []},
-            "metrics": {"listen": f"127.0.0.1:{metrics_port}"},
-            "tlsrpt": {"socket": ""},
-        }
+        config = inbound_with_metrics(pki, hung.getsockname()[1], metrics_port, backend_connect_timeout=8)
         with SmtproxyProcess(write_config(tmp_path / "proxy", config)) as proxy:
             proxy.wait_ready()
             base = f"http://127.0.0.1:{metrics_port}"

@@ -120,6 +120,21 @@ def test_close_notify_marks_the_peer_closed(server_tls: ServerTls):
     assert server.peer_closed
 
 
+def test_bytes_after_close_notify_are_dropped_not_buffered(server_tls: ServerTls):
+    """OpenSSL reads nothing after close_notify: what a peer sends then must not pile up in
+    the memory BIO (a peer could send without end while its last replies are due)."""
+    client = client_engine(client_context())
+    server = handshake(client, server_tls.default_context)
+    client.close()
+    server.receive(client.outgoing())
+    assert server.peer_closed and not server.broken
+    for _ in range(64):
+        assert server.receive(b"\x17\x03\x03" + b"x" * 16384) == b""
+    assert server._incoming.pending == 0
+    server.send(b"221 bye\r\n")  # the replies still due can still be written
+    assert client.receive(server.outgoing()) == b"221 bye\r\n"
+
+
 def test_an_unknown_object_layout_only_costs_the_saving(server_tls: ServerTls, monkeypatch):
     """Where the SSL pointer cannot be found, handshakes still work; the hook stays on."""
     from smtproxy.tls import openssl_ext

@@ -17,7 +17,7 @@ from cryptography.x509.oid import NameOID
 from smtproxy.config import OutboundTlsConfig
 from smtproxy.events import Direction, PeerTrust
 from smtproxy.policy.levels import Level, Policy
-from smtproxy.tls.certificates import colon_hex
+from smtproxy.tls.certificates import colon_hex, parse_peer_certificate
 from smtproxy.tls.client_context import ClientTls
 from smtproxy.tls.facts import build_facts
 from smtproxy.tls.openssl_ext import VerifyVerdict
@@ -386,3 +386,18 @@ def test_a_certificate_cryptography_cannot_parse_is_known_by_its_fingerprint(
     facts = build_facts(engine, direction=Direction.OUTBOUND, peer_name=MX, peer_addr="192.0.2.1", peer_port=25,
                         duration=0.0, peer_trust=verdict.trust, peer_certificate=verdict.certificate)
     assert (facts.server_signature, facts.server_signature_detail) == ("ECDSA", None)  # the key is not parsed
+
+
+def test_a_certificate_whose_extensions_cryptography_refuses_names_nothing(ca: trustme.CA) -> None:
+    """cryptography parses extensions only when they are first read: a duplicated
+    subjectAltName (BER OpenSSL's client may accept from a non-OpenSSL server) must count
+    as no name, not escape as an exception."""
+    der = der_of(ca.issue_cert(MX))
+    tbs, algorithm, signature = _children(_children(der)[0][1])
+    fields = [whole for _, _, whole in _children(tbs[1])]
+    extensions = _children(_children(_children(fields[-1])[0][1])[0][1])
+    san = next(whole for _, body, whole in extensions if body.startswith(b"\x06\x03\x55\x1d\x11"))  # 2.5.29.17
+    duplicated = [whole for _, _, whole in extensions] + [san]
+    fields[-1] = _tlv(0xA3, _tlv(0x30, b"".join(duplicated)))
+    bad = _tlv(0x30, _tlv(0x30, b"".join(fields)) + algorithm[2] + signature[2])
+    assert certificate_names(parse_peer_certificate(bad)) == []
