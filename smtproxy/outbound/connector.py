@@ -242,7 +242,8 @@ class Connector:
             build_facts(engine, direction=Direction.OUTBOUND, peer_name=target.hostname,
                         peer_addr=target.address, peer_port=target.port,
                         duration=time.monotonic() - started, peer_trust=verdict.trust,
-                        peer_certificate=verdict.certificate),
+                        peer_certificate=verdict.certificate,
+                        local_key_detail=self.client_tls.local_key_detail(certificate)),
             domain=domain, local_addr=self._local_addr(connection), peer_helo=helo,
             policy_level=str(policy.level))
         if verdict.failure is not None:

@@ -31,12 +31,14 @@ import dataclasses
 import hashlib
 import ipaddress
 import ssl
+from collections.abc import Callable
 from pathlib import Path
 
 from smtproxy.config import ConfigError, OutboundTlsConfig, load_domaincerts
 from smtproxy.policy.levels import Level, Policy
 from smtproxy.policy.table import parent_chain
 from smtproxy.tls import openssl_ext
+from smtproxy.tls.certificates import chain_key_detail
 from smtproxy.tls.engine import TlsEngine, trace_handshakes
 from smtproxy.tls.openssl_ext import VerifyVerdict
 
@@ -183,8 +185,18 @@ class ClientTls:
         self.ca_file = ca_file
         self._contexts: dict[_ContextSettings, tuple[ssl.SSLContext, ChainVerdicts]] = {}
         self.default_certificate, self._by_sender_domain = _sender_certificates(tls_config)
+        self._key_details: dict[ClientCertificate, tuple[str, str | None]] = {}
         for certificate in {self.default_certificate, *self._by_sender_domain.values()} - {None}:
             _load_certificate(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT), certificate)  # fail on start, not on mail
+            self._key_details[certificate] = chain_key_detail(certificate.cert_file)
+
+    def local_key_detail(self, certificate: ClientCertificate | None) -> Callable[[str], str | None] | None:
+        """Key family -> detail ("EC" -> "P-256") of the client certificate presented, for
+        the client-signature words of the handshake log line."""
+        if certificate is None:
+            return None
+        family, detail = self._key_details[certificate]
+        return {family: detail}.get
 
     def certificate_for(self, sender: str) -> ClientCertificate | None:
         """The client certificate for mail from envelope sender `sender` ("" for <>):

@@ -89,6 +89,10 @@ def test_each_sender_domain_presents_its_own_certificate_and_connections_never_m
     assert len({connections[0], connections[1], connections[3]}) == 3, connections
     assert len(re.findall(r"smtpd\[\d+\]: connect from unknown\[127\.0\.0\.1\]", remote.log_text())) == 3
     assert len(proxy.records("TLS connection reused to", sessions=len(sent))) == 2
+    # Postfix's words for our own CertificateVerify, with the key of the certificate sent
+    established = proxy.records("TLS connection established to", sessions=len(sent))
+    assert len(established) == 3 and all(
+        " client-signature ECDSA (P-256) client-digest SHA256" in r["event"] for r in established), established
     policy_logs = proxy.records("policy", sessions=len(sent))
     assert [record["client_certificate"] for record in policy_logs] == [
         str(alpha.cert_file), str(beta.chain_file), str(alpha.cert_file), str(default.cert_file),
