@@ -36,6 +36,7 @@ from smtproxy.inbound.session import (
     SendClient,
     StartTls,
 )
+from smtproxy.linger import close_with_linger
 from smtproxy.smtp import Reply
 from smtproxy.tls.engine import TlsEngine, TlsHandshakeError
 from smtproxy.tls.facts import build_facts
@@ -47,9 +48,6 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("smtproxy.inbound")
 _session_ids = itertools.count(1)
-# A closed connection waits for its last bytes to leave; a client that does not read them
-# within this time is cut off (else it would keep its connection slot indefinitely).
-CLOSE_LINGER_SECONDS = 5.0
 
 
 class InboundServer:
@@ -420,8 +418,7 @@ class ClientConnection(asyncio.Protocol):
         if self.engine is not None and self.engine.handshake_done:
             self.engine.close()
             self._flush_tls()
-        self.transport.close()
-        self._linger_timer = self.server.loop.call_later(CLOSE_LINGER_SECONDS, self.transport.abort)
+        self._linger_timer = close_with_linger(self.transport, self.server.loop)
 
     def update_reading(self) -> None:
         if self.transport is None or self.session is None or self._closed:
@@ -474,9 +471,7 @@ class ClientConnection(asyncio.Protocol):
         self._report_handshake_failure(failure_type, reason)
         assert self.session is not None
         self._execute(self.session.client_closed())
-        self._closed = True
-        if self.transport is not None:
-            self.transport.close()
+        self._close_client()  # the handshake is not done: no close_notify, only the alert already sent
 
     def _report_handshake_failure(self, failure_type: str, reason: str) -> None:
         self.log.warning(f"SSL_accept error from unknown[{self._client_ip}]: {reason}")

@@ -16,6 +16,7 @@ import structlog
 
 from smtproxy.config import OutboundConfig
 from smtproxy.events import Direction, EventBus, PolicyApplied, SessionEnded
+from smtproxy.linger import close_with_linger
 from smtproxy.outbound.connector import Connector, DeliveryFailure, RemoteSession
 from smtproxy.outbound.original_dst import original_destination
 from smtproxy.outbound.pool import ConnectionPool
@@ -116,7 +117,7 @@ class OutboundServer:
             writer.write(Reply.of(421, "4.3.2", f"{self.config.hostname} Service shutting down").serialize())
         finally:
             self.sessions.discard(task)
-            writer.close()
+            close_with_linger(writer.transport, asyncio.get_running_loop())
             duration = time.monotonic() - started
             session_log.info(f"disconnect from unknown[{peer[0]}]", direction="outbound", messages=session.messages,
                              bytes=session.message_bytes, duration=round(duration, 3))

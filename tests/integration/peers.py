@@ -25,6 +25,7 @@ import json
 import os
 import pwd
 import re
+import select
 import shutil
 import signal
 import socket
@@ -37,7 +38,7 @@ import time
 import tomllib
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
@@ -1473,6 +1474,36 @@ class RawSmtpClient:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+@contextlib.contextmanager
+def flood_without_reading(port: int, *, then: bytes = b"") -> Iterator[socket.socket]:
+    """A client with a small receive buffer that pipelines EHLOs and reads nothing, until
+    the server's kernel send queue stops growing (`ss`), so every buffer on the way is full;
+    then a few more (their replies wait in the server process itself) and `then`. Bounded in count
+    and time."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+    sock.connect(("127.0.0.1", port))
+    client_port = sock.getsockname()[1]
+
+    def server_send_queue() -> int:
+        out = subprocess.run(["ss", "-tnH", "state", "all", f"( sport = :{port} and dport = :{client_port} )"],
+                             capture_output=True, text=True, timeout=10).stdout.split()
+        return int(out[2]) if len(out) > 2 else -1
+
+    try:
+        sock.settimeout(10)
+        last, stable, deadline = -1, 0, time.monotonic() + 30
+        while stable < 5 and time.monotonic() < deadline:
+            sock.sendall(b"EHLO stuck.example.test\r\n" * 50)
+            queue = server_send_queue()
+            stable, last = (stable + 1 if queue == last else 0), queue
+            select.select([], [], [], 0.03)  # pacing the burst, bounded by the deadline above
+        sock.sendall(b"EHLO stuck.example.test\r\n" * 20 + then)
+        yield sock
+    finally:
+        sock.close()
 
 
 def postfix_version() -> str:

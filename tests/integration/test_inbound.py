@@ -30,6 +30,7 @@ from tests.integration.peers import (
     RawSmtpClient,
     SmtpSink,
     SmtproxyProcess,
+    flood_without_reading,
     free_port,
     openssl_s_client,
     posttls_finger,
@@ -692,23 +693,22 @@ def test_a_client_that_never_reads_is_cut_off_after_the_idle_timeout(smtp_sink, 
     flush either: the connection is then aborted, instead of keeping its slot for as long
     as the client keeps its socket open."""
     proxy = start_proxy(smtp_sink.port, idle_timeout=2)
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.connect(("127.0.0.1", proxy.port))
-    sock.setblocking(False)
-    burst, deadline = b"EHLO stuck.example.test\r\n" * 1000, time.monotonic() + 10
-    try:
-        while time.monotonic() < deadline:
-            try:
-                sock.send(burst)
-            except BlockingIOError:
-                break  # the proxy stopped reading: its replies fill every buffer
+    with flood_without_reading(proxy.port):
         idle = proxy.process.wait_for_log("timeout after idle", timeout=30)
         ended = proxy.process.wait_for_log(lambda r: r["event"] == "disconnect from unknown[127.0.0.1]", timeout=20)
-        lingered = datetime.fromisoformat(ended["timestamp"]) - datetime.fromisoformat(idle["timestamp"])
-        assert lingered.total_seconds() < 10, (idle, ended)
-    finally:
-        sock.close()
+    lingered = datetime.fromisoformat(ended["timestamp"]) - datetime.fromisoformat(idle["timestamp"])
+    assert lingered.total_seconds() < 10, (idle, ended)
+
+
+def test_a_client_that_never_reads_and_fails_its_handshake_is_cut_off_too(smtp_sink, start_proxy):
+    """The same flood, then STARTTLS and no handshake: the handshake timeout closes the
+    connection, whose unsent replies must not keep it open either."""
+    proxy = start_proxy(smtp_sink.port, handshake_timeout=2)
+    with flood_without_reading(proxy.port, then=b"STARTTLS\r\n"):
+        failed = proxy.process.wait_for_log("SSL_accept error from unknown[127.0.0.1]: handshake_timeout", timeout=30)
+        ended = proxy.process.wait_for_log(lambda r: r["event"] == "disconnect from unknown[127.0.0.1]", timeout=20)
+    lingered = datetime.fromisoformat(ended["timestamp"]) - datetime.fromisoformat(failed["timestamp"])
+    assert lingered.total_seconds() < 10, (failed, ended)
 
 
 # ----------------------------------------------------------------------- bad input

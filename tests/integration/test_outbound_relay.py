@@ -29,6 +29,7 @@ from tests.integration.peers import (
     RawSmtpClient,
     Reply,
     SmtpSink,
+    flood_without_reading,
     free_port,
     wait_until,
 )
@@ -997,6 +998,23 @@ def test_a_remote_that_floods_a_cached_connection_is_cut_off(start_outbound, scr
         assert relay_in_session(mta, "user@flood.test", token())[1].code == 250
     remote.join()
     assert remote.notes.get("cut off after", limit) < 16 * 1024 * 1024, remote.notes
+
+
+def test_an_mta_that_never_reads_loses_its_connection_after_the_session(smtp_sink, start_outbound):
+    """At idle_timeout the session ends (421, "disconnect from"); its unsent replies must
+    not keep the socket open for as long as the MTA keeps its end."""
+    proxy = start_outbound({"sink.test": f"[127.0.0.1]:{smtp_sink.port}"}, default_level="may", idle_timeout=2)
+    with flood_without_reading(proxy.port) as mta:
+        client_port = mta.getsockname()[1]
+        proxy.process.wait_for_log(lambda r: r["event"].startswith("disconnect from"), timeout=30)
+
+        def connection_gone() -> bool:
+            listed = subprocess.run(["ss", "-tnH", "state", "established",
+                                     f"( sport = :{proxy.port} and dport = :{client_port} )"],
+                                    capture_output=True, text=True, timeout=10).stdout
+            return not listed.strip()
+
+        wait_until(connection_gone, 15, "the proxy to drop the connection")
 
 
 def test_a_recipient_at_an_address_literal_is_delivered_there(smtp_sink, start_outbound):
