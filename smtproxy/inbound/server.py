@@ -225,7 +225,7 @@ class ClientConnection(asyncio.Protocol):
         if self.implicit_tls:
             self._start_tls()
         self._backend_task = self.server.loop.create_task(self._connect_backend())
-        self._arm_backend_timer()  # from now: connecting and greeting share backend_connect_timeout
+        self._arm_backend_timer()  # from now: connecting and greeting get backend_connect_timeout
         self._touch()
         self.update_reading()
 
@@ -264,12 +264,16 @@ class ClientConnection(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         """The client shut its side down: what it sent is still answered (a half-closed
-        socket can still be written), then the session closes. False lets the transport
-        close itself (connection_lost follows)."""
+        socket can still be written), then the session closes, with a linger as any close."""
         if self.session is None or self._closed:
             return False
+        if self.engine is not None and not self.engine.handshake_done:
+            self._handshake_failed("validation-failure", "lost_connection")  # as Postfix logs it
+            return True
         self._execute(self.session.client_input_ended())
-        return not self.session.closed
+        if self.session.closed:
+            self._close_client()
+        return True
 
     def pause_writing(self) -> None:
         self.client_congested = True
@@ -330,10 +334,9 @@ class ClientConnection(asyncio.Protocol):
     async def _connect_backend(self) -> None:
         assert self.session is not None
         address = self.server.config.backend
-        try:
-            async with asyncio.timeout(self.server.config.backend_connect_timeout):
-                await self.server.loop.create_connection(lambda: _BackendProtocol(self), address.host, address.port)
-        except (OSError, asyncio.TimeoutError) as exc:
+        try:  # bounded by the backend timer, armed with backend_connect_timeout in connection_made
+            await self.server.loop.create_connection(lambda: _BackendProtocol(self), address.host, address.port)
+        except OSError as exc:
             self.log.warning("backend unreachable", backend=str(address), error=str(exc) or type(exc).__name__)
             self._execute(self.session.backend_failed())
 
@@ -525,7 +528,8 @@ class ClientConnection(asyncio.Protocol):
             self._backend_deadline = 0.0
         elif not self._backend_deadline:
             config = self.server.config
-            # connecting and greeting together get backend_connect_timeout; each reply after that backend_timeout
+            # until the client is greeted backend_connect_timeout (the connect and the greeting
+            # together, then each identification reply), backend_timeout for every reply after
             limit = config.backend_timeout if self.session.backend_greeted else config.backend_connect_timeout
             self._backend_deadline = time.monotonic() + limit
             if self._backend_timer is None:
@@ -538,5 +542,13 @@ class ClientConnection(asyncio.Protocol):
         if time.monotonic() < self._backend_deadline:
             self._backend_timer = self.server.loop.call_at(self._backend_deadline, self._backend_timed_out)
             return
-        self.log.warning("backend timeout", backend=str(self.server.config.backend))
+        backend = str(self.server.config.backend)
+        if self.session.backend_greeted:
+            self.log.warning("backend timeout", backend=backend)
+        elif self.backend is None:
+            self.log.warning("backend unreachable", backend=backend, error="connection timed out")
+        else:
+            self.log.warning("backend did not greet in time", backend=backend)
+        if self._backend_task is not None and not self._backend_task.done():
+            self._backend_task.cancel()
         self._execute(self.session.backend_timed_out())

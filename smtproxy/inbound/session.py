@@ -288,15 +288,13 @@ class InboundSession:
         final dot and QUIT and then shut its side down must get the backend's verdict on
         the message: cut off, it would send the message again, delivered twice. Mid-message
         or mid-handshake the rest can never come: the session ends as if the client left."""
-        if self._mode is not _Mode.COMMANDS:
-            return self.client_closed()
         self._input_ended = True
         return self._end_if_input_answered()
 
     def _end_if_input_answered(self) -> list[Action]:
         if not self._input_ended or self._mode is _Mode.CLOSED:
             return []
-        if self._mode is not _Mode.COMMANDS:  # a 354 or a STARTTLS after the end of input
+        if self._mode is not _Mode.COMMANDS:  # mid-message or mid-handshake: the rest cannot come
             return self.client_closed() + [CloseClient()]
         if self._pending or not self._greeted_client:
             return []
@@ -326,7 +324,8 @@ class InboundSession:
 
     def backend_timed_out(self) -> list[Action]:
         if not self.backend_greeted:
-            return self.backend_failed()
+            return self._fail(Reply.of(421, "4.3.0", f"{self.settings.hostname} Service not available"),
+                              close_backend=True)
         return self._fail(
             Reply.of(421, "4.4.2", f"{self.settings.hostname} Error: backend did not answer in time"),
             close_backend=True,

@@ -11,6 +11,7 @@ import ssl
 from collections.abc import Callable
 from pathlib import Path
 
+from smtproxy.config import InboundTlsConfig
 from smtproxy.events import PeerCertificate, PeerTrust
 from smtproxy.tls import openssl_ext
 from smtproxy.tls.certificates import chain_key_detail, peer_certificate
@@ -130,7 +131,7 @@ class ServerTls:
         return PeerTrust.UNTRUSTED, certificate, "client certificate not trusted" if required else None
 
 
-def _session_id_context(cfg) -> bytes:
+def _session_id_context(cfg: InboundTlsConfig) -> bytes:
     """A digest of what judged a client certificate: its mode, the CA file's contents and
     the fingerprints. A resumed session keeps the verdict of its full handshake, so a
     session made under other settings (before a reload that dropped a CA) must not resume:

@@ -363,8 +363,7 @@ def test_readyz_follows_the_backend_and_healthz_the_process(tmp_path, pki: Pki):
 def test_a_scrape_does_not_wait_for_a_backend_that_hangs(tmp_path, pki: Pki):
     """A backend whose accept queue is full never answers the probe's connect. /metrics
     answers at once with smtproxy_backend_up 0 (a scrape waiting backend_connect_timeout
-    would time out in Prometheus, and the series would vanish instead of reading 0);
-    /readyz still waits for the probe, bounded by backend_connect_timeout."""
+    would time out in Prometheus, and the series would vanish instead of reading 0)."""
     metrics_port = free_port()
     with socket.create_server(("127.0.0.1", 0), backlog=0) as hung, \
             socket.create_connection(hung.getsockname(), timeout=5):  # fills the queue: later SYNs are dropped

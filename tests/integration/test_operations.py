@@ -17,12 +17,12 @@ import pytest
 
 from tests.integration.outbound_peers import REMOTE_DOMAIN, delivered, swaks_via, token
 from tests.integration.peers import (
+    Pki,
     PostfixInstance,
     RawSmtpClient,
     SmtproxyProcess,
     free_port,
     http_get,
-    Pki,
     openssl_s_client,
     postfix_tls_server_params,
     run_swaks,
@@ -241,7 +241,7 @@ def test_a_reload_to_a_shorter_session_lifetime_rotates_the_ticket_keys_at_once(
     proxy = started(inbound_config(legacy, port, cert))
     session = tmp_path / "session.pem"
     assert "Reused" not in s_client_session(port, session, resume=False, server_name=HOSTNAME)
-    write_config(proxy.config_path.parent, inbound_config(legacy, port, cert, tls={"session_timeout": 4}))
+    write_config(proxy.config_path.parent, inbound_config(legacy, port, cert, tls={"session_timeout": 10}))
     after = len(proxy.logs())
 
     def rotations(count: int) -> bool:
@@ -249,9 +249,9 @@ def test_a_reload_to_a_shorter_session_lifetime_rotates_the_ticket_keys_at_once(
 
     proxy.send_signal(signal.SIGHUP)
     proxy.wait_for_log("configuration reloaded", after=after)
-    wait_until(lambda: rotations(1), 10, "the rotation due since start + 2 s")
+    wait_until(lambda: rotations(1), 15, "the rotation due at start + 5 s")
     assert "Reused, TLSv1.3" in s_client_session(port, session, resume=True, server_name=HOSTNAME)
-    wait_until(lambda: rotations(2), 10, "the next rotation, 2 s later")
+    wait_until(lambda: rotations(2), 15, "the next rotation, 5 s later")
     assert "Reused" not in s_client_session(port, session, resume=True, server_name=HOSTNAME)
 
 

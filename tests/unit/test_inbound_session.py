@@ -237,6 +237,7 @@ def test_a_half_close_mid_data_ends_the_session_without_the_final_dot():
     _deliver(session, b"Subject: partial\r\n")
     actions = session.client_input_ended()
     assert CloseBackend() in actions
+    assert CloseClient() in actions  # closed with a linger, like every close: the client may not read
     assert not any(isinstance(a, SendClient) for a in actions)
     assert any(isinstance(a, MessageFinished) and a.result == "failed" for a in actions)
 
