@@ -36,6 +36,7 @@ from smtproxy.smtp import (
     SmtpState,
     parse_bdat,
     parse_command,
+    too_many_errors,
 )
 
 # Extensions relayed from the backend's EHLO reply; everything else is hidden because the
@@ -612,7 +613,7 @@ class InboundSession:
             self._pending.append(_Pending(_Kind.LOCAL, None, reply))
             return self._flush() + self._close_after_pending()
         if self.errors >= self.settings.max_errors:
-            return self._fail(Reply.of(421, "4.7.0", f"{self.settings.hostname} Error: too many errors"))
+            return self._fail(too_many_errors(self.settings.hostname))
         self._pending.append(_Pending(_Kind.LOCAL, None, reply))
         return self._flush()
 

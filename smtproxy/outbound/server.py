@@ -8,6 +8,7 @@ read with SO_ORIGINAL_DST.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import itertools
 import time
@@ -117,12 +118,15 @@ class OutboundServer:
             writer.write(Reply.of(421, "4.3.2", f"{self.config.hostname} Service shutting down").serialize())
         finally:
             self.sessions.discard(task)
-            close_with_linger(writer.transport, asyncio.get_running_loop())
+            linger = close_with_linger(writer.transport, asyncio.get_running_loop())
             duration = time.monotonic() - started
             session_log.info(f"disconnect from unknown[{peer[0]}]", direction="outbound", messages=session.messages,
                              bytes=session.message_bytes, duration=round(duration, 3))
             self.bus.publish(SessionEnded(Direction.OUTBOUND, "unknown", peer[0], False, session.messages,
                                           session.message_bytes, duration))
+            with contextlib.suppress(OSError):  # an MTA that reads nothing more: the linger aborts
+                await writer.wait_closed()
+            linger.cancel()  # the timer would keep the closed session's objects for its 5 s
 
     @staticmethod
     def _original_destination(writer: asyncio.StreamWriter, session_log) -> tuple[str, int] | None:

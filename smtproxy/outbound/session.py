@@ -42,6 +42,7 @@ from smtproxy.smtp import (
     parse_command,
     parse_mail_from,
     parse_rcpt_to,
+    too_many_errors,
 )
 
 COMMAND_LINE_LIMIT = 2048
@@ -251,7 +252,7 @@ class OutboundSession:
         and False says the session ends (Postfix's smtpd_hard_error_limit)."""
         self.errors += 1
         if self.errors >= self.settings.max_errors:
-            self._write(Reply.of(421, "4.7.0", f"{self.settings.hostname} Error: too many errors"))
+            self._write(too_many_errors(self.settings.hostname))
             return False
         self._write(reply)
         return True

@@ -6,7 +6,7 @@ from smtproxy.smtp.ehlo import EhloReply
 from smtproxy.smtp.errors import PeerProtocolError
 from smtproxy.smtp.lines import LINE_TOO_LONG, LineReader, LineTooLong
 from smtproxy.smtp.replies import Reply, ReplyParser
-from smtproxy.smtp.session import ServerSession, SessionPolicy, SmtpState
+from smtproxy.smtp.session import ServerSession, SessionPolicy, SmtpState, too_many_errors
 
 __all__ = [
     "LINE_TOO_LONG",
@@ -28,4 +28,5 @@ __all__ = [
     "parse_command",
     "parse_mail_from",
     "parse_rcpt_to",
+    "too_many_errors",
 ]

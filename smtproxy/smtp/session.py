@@ -85,6 +85,11 @@ _SIZE = re.compile("[0-9]{1,20}")
 GOODBYE = Reply.of(221, "2.7.0", "Error: I can break rules, too. Goodbye.")
 MUST_STARTTLS = Reply.of(530, "5.7.0", "Must issue a STARTTLS command first")
 NOT_IMPLEMENTED = Reply.of(502, "5.5.1", "Error: command not implemented")
+
+
+def too_many_errors(hostname: str) -> Reply:
+    """The reply that ends a session at its error limit (Postfix's smtpd_hard_error_limit)."""
+    return Reply.of(421, "4.7.0", f"{hostname} Error: too many errors")
 NEED_RCPT = Reply.of(503, "5.5.1", "Error: need RCPT command")
 
 
