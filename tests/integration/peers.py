@@ -1496,9 +1496,10 @@ def flood_without_reading(port: int, *, then: bytes = b"") -> Iterator[socket.so
         last, stable, deadline = -1, 0, time.monotonic() + 30
         while stable < 5 and time.monotonic() < deadline:
             sock.sendall(b"EHLO stuck.example.test\r\n" * 50)
-            queue = server_send_queue()
+            # the batch is taken in when the queue moves; a queue that does not move over a
+            # few polls of ss is full
+            queue = next((q for q in (server_send_queue() for _ in range(5)) if q != last), last)
             stable, last = (stable + 1 if queue == last else 0), queue
-            time.sleep(0.03)  # pacing the flood (not a synchronisation): the queue is read by ss above
         sock.sendall(b"EHLO stuck.example.test\r\n" * 20 + then)
         yield sock
     finally:

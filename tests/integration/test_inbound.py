@@ -762,16 +762,21 @@ def test_client_idle_in_the_middle_of_data_gets_421_and_nothing_is_delivered(tmp
         assert backend.messages() == []
 
 
+def up_to_the_handshake(client: RawSmtpClient) -> None:
+    """Greeting, EHLO, STARTTLS and its 220: the client's ClientHello is due next."""
+    assert client.read_reply().code == 220
+    client.ehlo()
+    client.send(b"STARTTLS\r\n")
+    assert client.read_reply().code == 220
+
+
 @pytest.mark.parametrize("implicit", [False, True], ids=["starttls", "implicit-tls"])
 def test_silent_client_is_closed_after_the_handshake_timeout(postfix, start_proxy, implicit):
     # The idle timeout is far longer than the client waits: only the handshake timer can close.
     proxy = start_proxy(postfix.port, handshake_timeout=1, idle_timeout=120)
     with RawSmtpClient(proxy.tls_port if implicit else proxy.port) as client:
         if not implicit:
-            assert client.read_reply().code == 220
-            client.ehlo()
-            client.send(b"STARTTLS\r\n")
-            assert client.read_reply().code == 220
+            up_to_the_handshake(client)
         # ... and then no ClientHello.
         assert client.expect_close(timeout=15) == b""
     proxy.process.wait_for_log(
@@ -787,10 +792,7 @@ def test_client_gone_in_the_middle_of_the_handshake_is_a_handshake_failure(postf
     proxy = start_proxy(postfix.port)
     with RawSmtpClient(proxy.tls_port if implicit else proxy.port) as client:
         if not implicit:
-            assert client.read_reply().code == 220
-            client.ehlo()
-            client.send(b"STARTTLS\r\n")
-            assert client.read_reply().code == 220
+            up_to_the_handshake(client)
         client.send(bytes.fromhex("160301"))  # the start of a record, then nothing more
     proxy.process.wait_for_log(
         lambda r: r["event"] == "SSL_accept error from unknown[127.0.0.1]: lost_connection")
