@@ -7,7 +7,8 @@ identical policy (DESIGN.md invariant 5) — from any legacy-MTA
 connection.  Limits follow Postfix's smtp connection cache: idle time in the cache, age
 since the connection was opened, transactions per connection, and the number of idle
 connections in total and per destination.  A cached connection that turns out dead is
-counted as stale and replaced by a new one; the message never fails for it.
+counted as stale and replaced by a new one; the message never fails for it.  One that
+sends a reply while idle is dropped: that reply would answer the next command.
 """
 
 from __future__ import annotations
@@ -83,10 +84,12 @@ class ConnectionPool:
             parked.timer.cancel()
             remote = parked.remote
             if not remote.connection.alive:
-                log.info(f"cached connection to {remote.peer} was stale", stale=True)
+                log.info(f"cached connection to {remote.peer} was stale", stale=True,
+                         reason=remote.connection.closed_reason)
                 self.bus.publish(ConnectionReuse("stale"))
                 remote.connection.abort()
                 continue
+            remote.connection.unpark()
             if not queue:
                 del self._idle[key]
             remote.reused = True
@@ -136,6 +139,9 @@ class ConnectionPool:
             return
         if reply.code != 250 or not remote.connection.alive or self._closed:
             await remote.connection.quit(self.limits.reply_timeout)
+            return
+        if not remote.connection.park():
+            log.info(f"cached connection to {remote.peer} dropped", reason=remote.connection.closed_reason)
             return
         queue = self._idle.setdefault(key, collections.deque())
         if len(queue) >= self.limits.per_destination:

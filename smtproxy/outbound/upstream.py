@@ -45,6 +45,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._waiter: asyncio.Future[None] | None = None
         self._closed_reason: str | None = None
         self._handshake_error: TlsHandshakeError | None = None
+        self._parked = False  # idle in the connection cache: no reply is due
         self._tls_bytes_received = False
         self._can_write = asyncio.Event()
         self._can_write.set()
@@ -83,6 +84,8 @@ class UpstreamConnection(asyncio.Protocol):
         if self._parser.unread > self._max_unread:
             self._closed_reason = self._closed_reason or "remote sent more than any reply"
             self.abort()
+        elif self._parked:
+            self._drop_unasked_input()
         self._wake()
 
     def eof_received(self) -> bool:
@@ -116,7 +119,28 @@ class UpstreamConnection(asyncio.Protocol):
             timer.cancel()
             self._waiter = None
 
+    def _drop_unasked_input(self) -> None:
+        if self._parser.unread:
+            self._closed_reason = self._closed_reason or "unasked-for reply"
+            self.abort()
+
     # ----------------------------------------------------------------- API
+
+    def park(self) -> bool:
+        """Idle between transactions: a reply arriving now (or already here) was asked for
+        by nobody -- a 421 before an idle close, or a remote out of step -- and read as
+        the next command's reply it would answer the wrong command.  Such a connection is
+        dropped.  False if it cannot be parked."""
+        self._parked = True
+        self._drop_unasked_input()
+        return self.alive
+
+    def unpark(self) -> None:
+        self._parked = False
+
+    @property
+    def closed_reason(self) -> str | None:
+        return self._closed_reason
 
     @property
     def alive(self) -> bool:

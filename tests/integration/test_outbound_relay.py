@@ -195,13 +195,14 @@ class Conversation:
 class ScriptedRemote:
     """A remote MX that misbehaves on purpose -- no real MTA does so on demand.
 
-    Listens on 127.0.0.1, accepts one connection and runs ``script(conversation)`` in a
-    thread. It stops itself: the accept and every read time out after ``timeout``, and the
-    listener closes when the script ends. ``error`` holds what went wrong in the script
-    (an unexpected command, a timeout); ``notes`` what the script chose to record."""
+    Listens on 127.0.0.1 and, in a thread, accepts one connection per script, one after
+    the other, running ``script(conversation)`` on each. It stops itself: the accept and
+    every read time out after ``timeout``, and the listener closes when the last script
+    ends. ``error`` holds what went wrong in a script (an unexpected command, a timeout);
+    ``notes`` what the scripts chose to record."""
 
-    def __init__(self, script: Callable[[Conversation], None], *, timeout: float = 20.0) -> None:
-        self.script = script
+    def __init__(self, *scripts: Callable[[Conversation], None], timeout: float = 20.0) -> None:
+        self.scripts = scripts
         self.timeout = timeout
         self.listener = socket.create_server((LOOPBACK, 0))
         self.listener.settimeout(timeout)
@@ -214,13 +215,14 @@ class ScriptedRemote:
 
     def _run(self) -> None:
         try:
-            sock, _ = self.listener.accept()
-            sock.settimeout(self.timeout)
-            conversation = Conversation(sock, self.notes)
-            try:
-                self.script(conversation)
-            finally:
-                conversation.close()
+            for script in self.scripts:
+                sock, _ = self.listener.accept()
+                sock.settimeout(self.timeout)
+                conversation = Conversation(sock, self.notes)
+                try:
+                    script(conversation)
+                finally:
+                    conversation.close()
         except BaseException as exc:  # reported by join()
             self.error = exc
         finally:
@@ -238,8 +240,8 @@ class ScriptedRemote:
 def scripted_remote() -> Iterator[Callable[..., ScriptedRemote]]:
     remotes: list[ScriptedRemote] = []
 
-    def make(script: Callable[[Conversation], None], **options) -> ScriptedRemote:
-        remote = ScriptedRemote(script, **options)
+    def make(*scripts: Callable[[Conversation], None], **options) -> ScriptedRemote:
+        remote = ScriptedRemote(*scripts, **options)
         remotes.append(remote)
         return remote
 
@@ -998,6 +1000,49 @@ def test_a_remote_that_floods_a_cached_connection_is_cut_off(start_outbound, scr
         assert relay_in_session(mta, "user@flood.test", token())[1].code == 250
     remote.join()
     assert remote.notes.get("cut off after", limit) < 16 * 1024 * 1024, remote.notes
+
+
+def test_a_cached_connection_that_sent_an_unasked_reply_is_not_reused(start_outbound, scripted_remote):
+    """The remote answers the RSET that parks the connection with a second 250 nobody asked
+    for (in the same segment). Reused, the connection would give that 250 as the reply to
+    the next MAIL, and every later reply would answer the command before it. It is dropped
+    instead, and the next message goes on a new connection."""
+
+    def chatty(c: Conversation) -> None:
+        c.accept_envelope(b"mx.chatty.test", pipelining=True)
+        c.expect(b"DATA")
+        c.send(b"354 go ahead\r\n")
+        c.data()
+        c.send(b"250 2.0.0 queued as ONE\r\n")
+        c.expect(b"RSET")
+        c.send(b"250 2.0.0 Ok\r\n250 2.0.0 Ok\r\n")
+        try:
+            c.notes["after the unasked reply"] = c.line()
+        except (EOFError, OSError):
+            c.notes["after the unasked reply"] = "closed"
+
+    def fresh(c: Conversation) -> None:
+        c.accept_envelope(b"mx.chatty.test", pipelining=True)
+        c.expect(b"DATA")
+        c.send(b"354 go ahead\r\n")
+        c.notes["second message"] = c.data()
+        c.send(b"250 2.0.0 queued as TWO\r\n")
+        c.goodbye()
+
+    remote = scripted_remote(chatty, fresh)
+    proxy = start_outbound({"chatty.test": f"[127.0.0.1]:{remote.port}"}, default_level="may",
+                           connection_cache_time_limit=60)
+    first, second = token(), token()
+    with open_session(proxy) as mta:
+        assert relay_in_session(mta, "user@chatty.test", first)[1].code == 250
+    dropped = proxy.process.wait_for_log(lambda r: r["event"].startswith("cached connection to"), timeout=10)
+    with open_session(proxy) as mta:
+        assert relay_in_session(mta, "user@chatty.test", second)[1].code == 250
+    remote.join()
+    assert remote.notes["after the unasked reply"] == "closed", remote.notes
+    assert second.encode() in remote.notes["second message"]
+    assert dropped["event"] == "cached connection to 127.0.0.1[127.0.0.1]:%d dropped" % remote.port, dropped
+    assert dropped["reason"] == "unasked-for reply", dropped
 
 
 def test_an_mta_that_never_reads_loses_its_connection_after_the_session(smtp_sink, start_outbound):

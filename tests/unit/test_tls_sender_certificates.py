@@ -233,6 +233,12 @@ class FakeConnection:
     def abort(self) -> None:
         self.alive = False
 
+    def park(self) -> bool:
+        return self.alive
+
+    def unpark(self) -> None:
+        pass
+
 
 class FakeConnector:
     def __init__(self) -> None:
