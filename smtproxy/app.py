@@ -17,6 +17,7 @@ from smtproxy.inbound.server import InboundServer
 from smtproxy.outbound.connector import ConnectSettings, Connector
 from smtproxy.outbound.pool import ConnectionPool, PoolLimits
 from smtproxy.outbound.server import OutboundServer
+from smtproxy.policy.ciphers import cipher_problem
 from smtproxy.policy.table import Policies, PolicyTableError
 from smtproxy.routing.mx import make_resolver
 from smtproxy.routing.routes import RouteTable, RouteTableError
@@ -92,6 +93,9 @@ def build_outbound_parts(config: Config, bus: EventBus) -> OutboundParts:
     except (RouteTableError, PolicyTableError) as exc:
         raise StartupError(str(exc)) from exc
     router = Router(routes, make_resolver(config.dns), outbound.port)
+    problem = cipher_problem(policies, outbound.tls.ciphers)
+    if problem is not None:
+        raise StartupError(problem)
     try:
         client_tls = ClientTls(outbound.tls, outbound.ca_file)
     except (OSError, ValueError) as exc:

@@ -100,18 +100,18 @@ def _probe(args: argparse.Namespace) -> int:
 
 def _table_problem(config) -> str | None:
     """The first error in the outbound routes and policy tables, as one line; None: fine."""
-    from smtproxy.policy.table import PolicyTable, PolicyTableError
+    from smtproxy.policy.ciphers import cipher_problem
+    from smtproxy.policy.table import Policies, PolicyTableError
     from smtproxy.routing.routes import RouteTable, RouteTableError
 
     outbound = config.outbound
     try:
         if outbound.routes_file is not None:
             RouteTable.load(outbound.routes_file)
-        if outbound.policy_file is not None:
-            PolicyTable.load(outbound.policy_file)
+        policies = Policies.from_config(outbound)
     except (RouteTableError, PolicyTableError) as exc:
         return str(exc)
-    return None
+    return cipher_problem(policies, outbound.tls.ciphers)
 
 
 def _policy(args: argparse.Namespace) -> int:

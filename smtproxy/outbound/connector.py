@@ -210,6 +210,15 @@ class Connector:
                          certificate: ClientCertificate | None) -> HandshakeFacts | None:
         """The facts of a verified-enough handshake; None: STARTTLS refused under `may`."""
         where = f"{target.hostname}[{target.address}]:{target.port}"
+        server_name = self._server_name(policy, target, nexthop)
+        session_key = _session_key(target, server_name, policy, certificate)
+        try:
+            engine = self.client_tls.new_engine(policy, server_hostname=server_name,
+                                                session=self.sessions.get(session_key), certificate=certificate)
+        except (OSError, ValueError) as exc:  # a CA or certificate file gone since the start, say
+            log.error(f"cannot start TLS to {where}: {exc}", domain=domain, level=str(policy.level))
+            raise _TryNext(_Failure(f"cannot start TLS to {where}: local configuration problem",
+                                    policy=True)) from None
         reply = await connection.command("STARTTLS", self.settings.reply_timeout)
         if reply.code != 220:
             self._publish_failure(domain, target, connection, helo, policy, "starttls-not-supported",
@@ -219,10 +228,6 @@ class Connector:
                                         f"{reply.code} {reply.text}", policy=True))
             log.info(f"host {where} refused to start TLS; continuing in plaintext", reply=reply.text)
             return None
-        server_name = self._server_name(policy, target, nexthop)
-        session_key = _session_key(target, server_name, policy, certificate)
-        engine = self.client_tls.new_engine(policy, server_hostname=server_name,
-                                            session=self.sessions.get(session_key), certificate=certificate)
         started = time.monotonic()
         try:
             await connection.start_tls(engine, self.settings.handshake_timeout)

@@ -42,6 +42,11 @@ class Level(enum.StrEnum):
 DEFAULT_MATCH = {Level.VERIFY: ("hostname",), Level.SECURE: ("nexthop", "dot-nexthop")}
 
 
+# Postfix's smtp_tls_ciphers and smtp_tls_mandatory_ciphers: a remote that offers only
+# older suites (AES-CBC, RSA key exchange) still gets TLS rather than plaintext or a deferral
+DEFAULT_CIPHER_GRADE = "medium"
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Policy:
     """The effective TLS policy for one destination.
@@ -51,7 +56,7 @@ class Policy:
     ``.example.com``); for fingerprint the digests as upper-case colon-separated hex.
     `min_protocol`/`max_protocol`: None means `[outbound.tls]`'s range.  `ciphers`: a
     Postfix cipher grade (``high``, ``medium``, ``low``, ``export``, ``null``) or None
-    for the configured list.  `exclude`: OpenSSL cipher names or families to drop.
+    for `[outbound.tls] ciphers`, or `DEFAULT_CIPHER_GRADE` where that is empty.  `exclude`: OpenSSL cipher names or families to drop.
     `servername`: SNI; ``hostname`` (the MX host name, default), ``nexthop`` or a literal
     name.  `ca_file`/`verify_depth`: s/qmail's per-destination trust.
     """

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from smtproxy.config import PROTOCOLS
-from smtproxy.policy.levels import DEFAULT_MATCH, Level, Policy, PolicyDecision
+from smtproxy.policy.levels import DEFAULT_CIPHER_GRADE, DEFAULT_MATCH, Level, Policy, PolicyDecision
 from smtproxy.tables import TableError, is_domain, read_table
 from smtproxy import tables
 
@@ -470,7 +470,7 @@ def describe_decision(decision: PolicyDecision, outbound: OutboundConfig) -> lis
     else:
         match = "(none: this level checks no name)"
     configured_ciphers = (f'"{tls.ciphers}" (from [outbound.tls] ciphers)' if tls.ciphers
-                          else "OpenSSL's default ([outbound.tls] ciphers is empty)")
+                          else f"{DEFAULT_CIPHER_GRADE} ([outbound.tls] ciphers is empty)")
     configured_ca = (f"{outbound.ca_file} (from [outbound] ca_file)" if outbound.ca_file
                      else "the system trust store ([outbound] ca_file is empty)")
     return [

@@ -35,36 +35,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from smtproxy.config import ConfigError, OutboundTlsConfig, load_domaincerts
+from smtproxy.policy.ciphers import cipher_list
 from smtproxy.policy.levels import Level, Policy
 from smtproxy.policy.table import parent_chain
 from smtproxy.tls import openssl_ext
 from smtproxy.tls.certificates import chain_key_detail
 from smtproxy.tls.engine import TlsEngine, trace_handshakes
 from smtproxy.tls.openssl_ext import VerifyVerdict
-
-CIPHER_GRADES = {
-    "high": "aNULL:-aNULL:HIGH:@STRENGTH",
-    "medium": "aNULL:-aNULL:HIGH:MEDIUM:+RC4:@STRENGTH",
-    "low": "aNULL:-aNULL:HIGH:MEDIUM:LOW:+RC4:@STRENGTH",
-    "export": "aNULL:-aNULL:HIGH:MEDIUM:LOW:EXPORT:+RC4:@STRENGTH",
-    "null": "eNULL:!aNULL",
-}
-
-# Postfix smtp_tls_policy.c: encrypt needs encryption, authenticating levels a certificate
-LEVEL_EXCLUSIONS = {
-    Level.ENCRYPT: ("eNULL",),
-    Level.FINGERPRINT: ("aNULL",),
-    Level.VERIFY: ("aNULL",),
-    Level.SECURE: ("aNULL",),
-    Level.DANE_ONLY: ("aNULL",),
-}
-
-# Python's own TLS 1.2 list, the base when neither the policy nor the config names one
-_PYTHON_CIPHERS = ":".join(
-    cipher["name"]
-    for cipher in ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).get_ciphers()
-    if not cipher["name"].startswith("TLS_")
-)
 
 # X509_V_ERR_UNSPECIFIED: the verdict of a resumed session whose full handshake is forgotten
 UNKNOWN_RESUMED_CHAIN = VerifyVerdict(depth=0, code=1, message="resumed session of unknown trust")
@@ -210,17 +187,10 @@ class ClientTls:
         return self.default_certificate
 
     def _settings(self, policy: Policy, certificate: ClientCertificate | None) -> _ContextSettings:
-        if policy.ciphers is None:
-            base = self.config.ciphers or _PYTHON_CIPHERS
-        elif policy.ciphers in CIPHER_GRADES:
-            base = CIPHER_GRADES[policy.ciphers]
-        else:
-            raise ValueError(f"unknown cipher grade {policy.ciphers!r}; allowed: {', '.join(CIPHER_GRADES)}")
-        excluded = policy.exclude + LEVEL_EXCLUSIONS.get(policy.level, ())
         return _ContextSettings(
             min_protocol=policy.min_protocol or self.config.min_protocol,
             max_protocol=policy.max_protocol or self.config.max_protocol,
-            ciphers=base + "".join(f":!{name}" for name in excluded),
+            ciphers=cipher_list(policy, self.config.ciphers),
             ca_file=policy.ca_file or self.ca_file,
             verify_depth=policy.verify_depth,
             certificate=certificate,

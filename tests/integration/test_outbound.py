@@ -79,6 +79,38 @@ def test_encrypt_defers_when_the_remote_offers_no_starttls(plain_remote, start_o
     assert not any(marker.encode() in m for m in plain_remote.messages())
 
 
+def test_a_remote_offering_only_an_older_suite_gets_tls_as_from_postfix(postfix_factory, remote_pki, start_outbound):
+    """The default cipher list is Postfix's `medium` grade (smtp_tls_ciphers): a remote that
+    offers only TLS 1.2 with AES-CBC and SHA-1 (outside Python's default list, which was
+    the default before: `encrypt` deferred such mail, `may` sent it in plaintext) gets TLS."""
+    old = postfix_factory(domains=[REMOTE_DOMAIN], hostname="old.remote.test", extra_main_cf={
+        **postfix_tls_server_params(remote_pki.server_cert("old.remote.test")),
+        "smtpd_tls_protocols": "<=TLSv1.2", "smtpd_tls_ciphers": "high",
+        "tls_high_cipherlist": "ECDHE-ECDSA-AES256-SHA"})
+    proxy = start_outbound({REMOTE_DOMAIN: f"[127.0.0.1]:{old.port}"}, default_level="encrypt")
+    marker = token()
+    result = swaks_via(proxy, marker)
+    assert result.returncode == 0, result.stdout
+    assert "(using TLSv1.2 with cipher ECDHE-ECDSA-AES256-SHA (256/256 bits))" in delivered(old, marker).decode()
+    established = proxy.records("TLS connection established to")
+    assert established and "TLSv1.2 with cipher ECDHE-ECDSA-AES256-SHA" in established[0]["event"], established
+
+
+def test_a_trust_store_gone_since_the_start_defers_with_a_policy_reply(tls_remote, remote_pki, start_outbound,
+                                                                       tmp_path):
+    """The CA file is read when the first connection needs it; removed after the start (a
+    Secret rotated badly), the MTA is told to try later, and the operator why."""
+    ca_file = tmp_path / "ca.pem"
+    ca_file.write_bytes(remote_pki.ca_file.read_bytes())
+    proxy = start_outbound({REMOTE_DOMAIN: f"[127.0.0.1]:{tls_remote.port}"}, default_level="verify",
+                           ca_file=str(ca_file))
+    ca_file.unlink()
+    result = swaks_via(proxy, token())
+    assert result.returncode != 0
+    assert "451 4.7.5 cannot start TLS to 127.0.0.1[127.0.0.1]" in result.stdout, result.stdout
+    assert proxy.records("cannot start TLS to 127.0.0.1[127.0.0.1]")[0]["level"] == "error"
+
+
 def test_dane_acts_as_may_and_dane_only_defers_until_dane_lookups_exist(tls_remote, start_outbound):
     route = f"[127.0.0.1]:{tls_remote.port}"
     proxy = start_outbound({REMOTE_DOMAIN: route}, policy=f"{route} dane\n", default_level="none")

@@ -19,6 +19,10 @@ routes_file = "routes"
 @pytest.mark.parametrize(("policy", "routes", "message"), [
     ("example.com verfy\n", "", 'tls_policy line 1: unknown security level "verfy"'),
     ("", "example.com error:nope\n", "routes line 1"),
+    # each would fail every delivery to its destination: no cipher left to offer
+    ("example.com encrypt ciphers=null\n", "", "tls_policy line 1 (example.com): its ciphers=, exclude= and level "
+                                                 "select no cipher (OpenSSL cipher list 'eNULL:!aNULL:!eNULL')"),
+    ("example.com may\nexample.net may exclude=ALL\n", "", "tls_policy line 2 (example.net): its ciphers="),
 ])
 def test_check_names_the_table_line_in_error(tmp_path, capsys, policy, routes, message):
     (tmp_path / "tls_policy").write_text(policy)

@@ -38,7 +38,7 @@ nexthop: mx.Example.com
 level: secure
 match: nexthop:dot-nexthop (the default for secure)
 protocols: TLSv1.3 to TLSv1.3 (protocols=>=TLSv1.3)
-ciphers: OpenSSL's default ([outbound.tls] ciphers is empty)
+ciphers: medium ([outbound.tls] ciphers is empty)
 exclude: 3DES
 servername: hostname
 connection_reuse: yes
