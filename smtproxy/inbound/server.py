@@ -322,10 +322,12 @@ class ClientConnection(asyncio.Protocol):
         )
 
     def shutdown(self) -> None:
-        """Drain deadline passed: tell the client to come back later, and close."""
+        """Drain deadline passed: tell the client to come back later (not in the middle of
+        a handshake: there is no channel to say it on), and close."""
         if self.session is not None and not self._closed:
-            hostname = self.server.config.hostname
-            self._write_client(Reply.of(421, "4.3.2", f"{hostname} Service shutting down").serialize())
+            if self.engine is None or self.engine.handshake_done:
+                hostname = self.server.config.hostname
+                self._write_client(Reply.of(421, "4.3.2", f"{hostname} Service shutting down").serialize())
             self._execute(self.session.client_closed())
             self._close_client()
 
@@ -529,10 +531,19 @@ class ClientConnection(asyncio.Protocol):
         elif not self._backend_deadline:
             config = self.server.config
             # until the client is greeted backend_connect_timeout (the connect and the greeting
-            # together, then each identification reply), backend_timeout for every reply after
-            limit = config.backend_timeout if self.session.backend_greeted else config.backend_connect_timeout
+            # together, then each identification reply), then backend_timeout for every reply
+            # but a message's final one
+            if not self.session.backend_greeted:
+                limit = config.backend_connect_timeout
+            elif self.session.awaiting_message_end:
+                limit = config.backend_data_done_timeout
+            else:
+                limit = config.backend_timeout
             self._backend_deadline = time.monotonic() + limit
-            if self._backend_timer is None:
+            timer = self._backend_timer
+            if timer is None or timer.when() > self._backend_deadline:
+                if timer is not None:
+                    timer.cancel()
                 self._backend_timer = self.server.loop.call_at(self._backend_deadline, self._backend_timed_out)
 
     def _backend_timed_out(self) -> None:

@@ -361,6 +361,15 @@ class InboundSession:
             return False
         return self._backend is not _Backend.READY or any(p.reply is None and p.kind is not _Kind.LOCAL for p in self._pending)
 
+    @property
+    def awaiting_message_end(self) -> bool:
+        """The reply due next from the backend is the final one for a message (after the
+        final dot or BDAT LAST): it may take a content scan's time."""
+        for entry in self._pending:
+            if entry.reply is None and entry.kind is not _Kind.LOCAL:
+                return entry.kind is _Kind.DATA_END or (entry.kind is _Kind.BDAT and entry.last_chunk)
+        return False
+
     # ----------------------------------------------------------------- backend replies
 
     def _backend_reply(self, reply: Reply) -> list[Action]:

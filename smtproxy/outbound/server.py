@@ -62,7 +62,8 @@ class OutboundServer:
     def _settings(config: OutboundConfig) -> OutboundSettings:
         return OutboundSettings(
             hostname=config.hostname, bare_newline=config.bare_newline, idle_timeout=config.idle_timeout,
-            reply_timeout=config.reply_timeout, max_message_size=config.max_message_size,
+            reply_timeout=config.reply_timeout, data_done_timeout=config.data_done_timeout,
+            max_message_size=config.max_message_size,
             max_errors=config.max_errors)
 
     async def start(self, *, reuse_port: bool = False) -> list[str]:

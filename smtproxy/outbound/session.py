@@ -67,6 +67,7 @@ class OutboundSettings:
     bare_newline: str
     idle_timeout: float
     reply_timeout: float
+    data_done_timeout: float
     max_message_size: int
     max_errors: int = 20
 
@@ -474,7 +475,7 @@ class OutboundSession:
             return _DATA_ERRORS[error]
         if lost is None:
             try:
-                final = await remote.connection.read_reply(self.settings.reply_timeout, "waiting for end of data")
+                final = await remote.connection.read_reply(self.settings.data_done_timeout, "waiting for end of data")
             except UpstreamError as exc:
                 lost = exc
         if lost is not None:

@@ -897,6 +897,39 @@ def test_a_slow_bdat_chunk_is_not_taken_for_a_silent_backend(postfix, start_prox
     delivered_with(postfix, marker)
 
 
+def test_the_final_reply_may_take_the_data_done_timeout(postfix_factory, start_proxy):
+    """A backend slow after the final dot (a content scan: Postfix's own `sleep` restriction
+    here) has backend_data_done_timeout (RFC 5321's ten minutes by default), not
+    backend_timeout: cut off with 421 while it still accepts, the message would be
+    delivered and then sent again by the client."""
+    slow = postfix_factory(extra_main_cf={"smtpd_end_of_data_restrictions": "sleep 3"})
+    proxy = start_proxy(slow.port, backend_connect_timeout=1, backend_timeout=1, backend_data_done_timeout=20)
+    marker = token()
+    with RawSmtpClient(proxy.port) as client:
+        assert client.read_reply().code == 220 and client.ehlo().code == 250
+        _send_marked(client, marker)
+        client.command("QUIT")
+    delivered_with(slow, marker)
+    assert not [r for r in proxy.process.logs() if r["event"] == "backend timeout"]
+
+
+def test_backend_timeout_holds_even_when_shorter_than_the_connect_timeout(postfix_factory, start_proxy):
+    """The one backend timer was armed at connect with backend_connect_timeout; a shorter
+    backend_timeout for a later reply must move it earlier, not wait for it."""
+    slow = postfix_factory(extra_main_cf={"smtpd_data_restrictions": "sleep 4"})
+    proxy = start_proxy(slow.port, backend_timeout=1, backend_connect_timeout=10)
+    with RawSmtpClient(proxy.port) as client:
+        assert client.read_reply().code == 220 and client.ehlo().code == 250
+        assert client.command("MAIL FROM:<a@example.org>").code == 250
+        assert client.command("RCPT TO:<user@example.test>").code == 250
+        began = time.monotonic()
+        data = client.command("DATA")
+        waited = time.monotonic() - began
+    assert data.code == 421 and data.lines[0].startswith("4.4.2 "), data
+    assert waited < 3, waited
+    proxy.process.wait_for_log("backend timeout")
+
+
 def test_bare_lf_in_data_is_rejected_and_nothing_delivered(postfix, start_proxy):
     proxy = start_proxy(postfix.port)
     smuggled, marker = token(), token()

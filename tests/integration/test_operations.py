@@ -127,6 +127,22 @@ def test_sessions_still_open_at_the_drain_deadline_get_421_and_the_process_exits
     assert not any(marker.encode() in m for m in legacy.messages())
 
 
+def test_a_client_still_in_its_handshake_at_the_drain_deadline_gets_no_plaintext(legacy, started, pki):
+    """On the implicit-TLS port nothing may be said before the handshake: the 421 would be
+    plaintext bytes where the client expects a TLS record. Such a session is only closed."""
+    port, tls_port = free_port(), free_port()
+    proxy = started(inbound_config(legacy, port, pki.server_cert(HOSTNAME), drain_timeout=1,
+                                   implicit_tls_listen=[f"127.0.0.1:{tls_port}"]))
+    with socket.create_connection(("127.0.0.1", tls_port), timeout=10) as client:
+        proxy.wait_for_log("connect from unknown[127.0.0.1]")
+        proxy.send_signal(signal.SIGTERM)
+        received = b""
+        while chunk := client.recv(4096):
+            received += chunk
+    assert received == b"", received
+    assert proxy.wait_exit(timeout=10) == 0
+
+
 # ----------------------------------------------------------------------- SIGHUP inbound
 
 

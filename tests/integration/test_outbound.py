@@ -111,6 +111,19 @@ def test_a_trust_store_gone_since_the_start_defers_with_a_policy_reply(tls_remot
     assert proxy.records("cannot start TLS to 127.0.0.1[127.0.0.1]")[0]["level"] == "error"
 
 
+def test_a_remote_slow_after_the_final_dot_has_the_data_done_timeout(postfix_factory, start_outbound):
+    """The final reply may take data_done_timeout (Postfix's smtp_data_done_timeout), not
+    reply_timeout: a remote scanning the content would otherwise deliver a message that
+    the MTA was told to send again."""
+    slow = postfix_factory(domains=[REMOTE_DOMAIN], extra_main_cf={"smtpd_end_of_data_restrictions": "sleep 3"})
+    proxy = start_outbound({REMOTE_DOMAIN: f"[127.0.0.1]:{slow.port}"}, default_level="may", reply_timeout=1,
+                           data_done_timeout=20)
+    marker = token()
+    result = swaks_via(proxy, marker)
+    assert result.returncode == 0, result.stdout
+    delivered(slow, marker)
+
+
 def test_dane_acts_as_may_and_dane_only_defers_until_dane_lookups_exist(tls_remote, start_outbound):
     route = f"[127.0.0.1]:{tls_remote.port}"
     proxy = start_outbound({REMOTE_DOMAIN: route}, policy=f"{route} dane\n", default_level="none")

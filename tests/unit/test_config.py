@@ -407,7 +407,7 @@ def test_duplicate_listener_address():
 
 INBOUND_KEYS = ("listen, implicit_tls_listen, backend, hostname, security_level, security_level_networks, "
                 "client_identity, auth_only_after_tls, bare_newline, idle_timeout, handshake_timeout, "
-                "backend_connect_timeout, backend_timeout, drain_timeout, max_connections, "
+                "backend_connect_timeout, backend_timeout, backend_data_done_timeout, drain_timeout, max_connections, "
                 "max_connections_per_client, max_message_size, max_command_line, max_reply_line, "
                 "max_text_line, max_errors, certificates, tls")
 
@@ -919,7 +919,7 @@ def test_render_round_trip_of_every_key_changed(tmp_path):
             "security_level_networks": {"10.0.0.0/8": "none", "2001:db8::/32": "may", "10.1.0.0/16": "may"},
             "client_identity": "proxy-v2", "auth_only_after_tls": False, "bare_newline": "normalize",
             "idle_timeout": 12.5, "handshake_timeout": 7, "backend_connect_timeout": 0.25,
-            "backend_timeout": 99, "drain_timeout": 1, "max_connections": 5, "max_connections_per_client": 0,
+            "backend_timeout": 99, "backend_data_done_timeout": 98, "drain_timeout": 1, "max_connections": 5, "max_connections_per_client": 0,
             "max_message_size": 123, "max_command_line": 600, "max_reply_line": 700, "max_text_line": 1000,
             "max_errors": 3,
             "certificates": [
@@ -936,7 +936,7 @@ def test_render_round_trip_of_every_key_changed(tmp_path):
                      "default_level": "dane-only",
                      "policy_file": "policy", "routes_file": "routes", "ca_file": "ca.pem", "port": 587, "mx_address_limit": 2,
                      "hostname": "out.example.com", "bare_newline": "reject", "idle_timeout": 60,
-                     "connect_timeout": 5, "handshake_timeout": 7, "reply_timeout": 9, "drain_timeout": 3,
+                     "connect_timeout": 5, "handshake_timeout": 7, "reply_timeout": 9, "data_done_timeout": 8, "drain_timeout": 3,
                      "max_connections": 7, "max_message_size": 1000, "max_errors": 4, "connection_cache_time_limit": 1,
                      "connection_reuse_time_limit": 10, "connection_reuse_count_limit": 3,
                      "connection_cache_size": 5, "connection_cache_destination_size": 2,
