@@ -28,6 +28,7 @@ from smtproxy.smtp import (
     DataScanner,
     EhloReply,
     LineReader,
+    LineTooLong,
     PeerProtocolError,
     Reply,
     ReplyParser,
@@ -106,6 +107,8 @@ class _Kind(enum.Enum):
     DATA_END = "data-end"  # final reply after the content
     BDAT = "bdat"
     INTERNAL = "internal"  # the proxy's own command (an RSET); reply swallowed
+    AUTH = "auth"  # AUTH, or a SASL response line: a 334 asks for (another) response
+    SASL_CANCEL = "sasl-cancel"  # "*" in place of a response too long; the client gets a 500
 
 
 @dataclasses.dataclass(slots=True)
@@ -151,6 +154,10 @@ class InboundSettings:
     max_text_line: int = 0
     max_errors: int = 20
 
+
+# The longest SASL response line taken (Postfix's smtpd_sasl_response_limit): GSSAPI
+# tokens are far longer than a command line.
+SASL_RESPONSE_LIMIT = 12288
 
 # Commands read ahead of their replies (RFC 2920 pipelining). Past this many, the client's
 # further commands wait in the socket: each reply is matched against the pending commands,
@@ -200,6 +207,8 @@ class InboundSession:
         self._blocked_on_starttls = False
         self._input_ended = False  # the client half-closed: see client_input_ended
         self._blocked_on_data_reply = False
+        self._blocked_on_auth = False  # AUTH or a SASL response awaits the backend's reply
+        self._sasl_response_due = False  # the backend said 334: the next line is a response
         self._backend_chunking = False
         self._scanner: DataScanner | None = None
         self._data_error: DataError | None = None
@@ -346,6 +355,7 @@ class InboundSession:
             return False
         return (
             self._blocked_on_data_reply
+            or self._blocked_on_auth
             or self._blocked_on_starttls
             or not self._greeted_client
             or self._mode is _Mode.CLOSED
@@ -447,6 +457,8 @@ class InboundSession:
         kind, command = entry.kind, entry.command
         if kind is _Kind.LOCAL:
             return self._send_local(reply)
+        if kind is _Kind.AUTH or kind is _Kind.SASL_CANCEL:
+            return self._auth_reply(entry, reply)
         assert command is not None
         if kind is _Kind.INTERNAL:
             self.smtp.on_reply(command, reply)
@@ -468,6 +480,30 @@ class InboundSession:
         if command.verb == "QUIT" or reply.code == 421:
             actions += self._close()
         return actions
+
+    def _auth_reply(self, entry: _Pending, reply: Reply) -> list[Action]:
+        """The backend's answer to AUTH or to a SASL response. After a 334 the client's
+        next line is the response (RFC 4954), whatever it looks like: relayed as it is,
+        never read as a command (an empty line is a valid response)."""
+        if entry.command is not None:
+            self.smtp.on_reply(entry.command, reply)
+        self._blocked_on_auth = False
+        self._sasl_response_due = reply.code == 334
+        if entry.kind is _Kind.SASL_CANCEL:
+            reply = Reply.of(500, "5.5.6", "Error: authentication exchange line is too long")
+        actions: list[Action] = [SendClient(reply.serialize())]
+        if reply.code == 421:
+            return actions + self._close()
+        return actions + self._process_commands()
+
+    def _on_sasl_response(self, line: bytes | LineTooLong) -> list[Action]:
+        self._sasl_response_due = False
+        self._blocked_on_auth = True
+        if line is LINE_TOO_LONG:
+            self._pending.append(_Pending(_Kind.SASL_CANCEL, None))
+            return [SendBackend(b"*\r\n")]  # RFC 4954: the client cancels the exchange
+        self._pending.append(_Pending(_Kind.AUTH, None))
+        return [SendBackend(line)]
 
     def _rewrite_ehlo(self, reply: Reply) -> Reply:
         ehlo = EhloReply.parse(reply)
@@ -506,6 +542,12 @@ class InboundSession:
     def _process_commands(self) -> list[Action]:
         actions: list[Action] = []
         while self._mode is _Mode.COMMANDS and not self.input_blocked:
+            if self._sasl_response_due:
+                response = self._reader.next_line(SASL_RESPONSE_LIMIT)
+                if response is None:
+                    break
+                actions += self._on_sasl_response(response)
+                continue
             line = self._reader.next_line()
             if line is None:
                 break
@@ -537,6 +579,9 @@ class InboundSession:
         elif verb == "DATA":
             self._blocked_on_data_reply = True
             self._pending.append(_Pending(_Kind.DATA, command))
+        elif verb == "AUTH":
+            self._blocked_on_auth = True  # what follows may be a SASL response, not a command
+            self._pending.append(_Pending(_Kind.AUTH, command))
         else:
             if verb == "MAIL":
                 self._bdat_total = 0

@@ -36,15 +36,17 @@ class LineReader:
             data = data[end + 1 :]
         self._buffer += data
 
-    def next_line(self) -> bytes | LineTooLong | None:
-        end = self._buffer.find(b"\n", 0, self._limit)
+    def next_line(self, limit: int | None = None) -> bytes | LineTooLong | None:
+        """The next line; `limit` replaces the reader's own for this line (a SASL response)."""
+        limit = limit or self._limit
+        end = self._buffer.find(b"\n", 0, limit)
         if end >= 0:
             line = bytes(self._buffer[: end + 1])
             del self._buffer[: end + 1]
             return line
-        if len(self._buffer) < self._limit:
+        if len(self._buffer) < limit:
             return None
-        end = self._buffer.find(b"\n", self._limit)
+        end = self._buffer.find(b"\n", limit)
         if end < 0:
             self._buffer.clear()
             self._skipping = True

@@ -6,6 +6,7 @@ Postfix's log), on reply codes and on smtproxy's own log lines.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 import re
@@ -21,6 +22,8 @@ from pathlib import Path
 
 import pytest
 import trustme
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult
 
 from smtproxy.tls.engine import TlsEngine
 from tests.integration.peers import (
@@ -638,6 +641,111 @@ def test_a_backend_that_accepts_but_never_greets_gets_the_client_421_after_the_c
             reply = client.read_reply(timeout=10)
         assert reply.code == 421 and reply.lines[0].startswith("4.3.0 "), reply
         assert time.monotonic() - began < 5
+
+
+
+# ----------------------------------------------------------------------- SASL AUTH
+
+
+class _SaslBackend:
+    """aiosmtpd as the legacy MTA: it offers SASL mechanisms whose responses are not
+    command lines (Postfix would need a Cyrus or Dovecot SASL server set up for this).
+    XOAUTH2 answers with an error challenge that the client must acknowledge with an
+    empty line (RFC 7628 3.2.3); BIGTOKEN takes one long token, as GSSAPI does. The
+    responses it received and the messages it accepted are recorded."""
+
+    TOKEN_SIZE = 9000  # decoded bytes: 12,000 in base64, six times a command line
+
+    def __init__(self) -> None:
+        self.responses: list[bytes] = []
+        self.messages: list[bytes] = []
+
+    async def auth_XOAUTH2(self, server, args):
+        self.responses.append(await server.challenge_auth(b'{"status":"401","schemes":"bearer"}'))
+        return AuthResult(success=False, handled=False)
+
+    async def auth_BIGTOKEN(self, server, args):
+        token = await server.challenge_auth(b"")
+        if token is MISSING:  # cancelled with "*": aiosmtpd has answered 501 itself
+            return AuthResult(success=False, handled=True)
+        self.responses.append(token)
+        return AuthResult(success=token == b"t" * self.TOKEN_SIZE, handled=False)
+
+    async def handle_DATA(self, server, session, envelope):  # noqa: N802
+        self.messages.append(envelope.content)
+        return "250 2.0.0 Ok: queued"
+
+
+class _LongLinesSMTP(SMTP):
+    line_length_limit = 16384  # aiosmtpd's default: 1,001 bytes (RFC 5321's command line)
+
+
+class _SaslController(Controller):
+    def factory(self) -> SMTP:
+        return _LongLinesSMTP(self.handler, **self.SMTP_kwargs)
+
+
+@pytest.fixture
+def sasl_backend() -> Iterator[tuple[_SaslBackend, int]]:
+    handler, port = _SaslBackend(), free_port()
+    controller = _SaslController(handler, hostname="127.0.0.1", port=port, auth_require_tls=False)
+    controller.start()  # returns once the server answers
+    yield handler, port
+    controller.stop()
+
+
+def _authenticating_client(proxy, pki) -> RawSmtpClient:
+    client = RawSmtpClient(proxy.port)
+    assert client.read_reply().code == 220 and client.ehlo().code == 250
+    client.starttls(pki.client_context(), server_hostname=HOSTNAME)
+    ehlo = client.ehlo()
+    assert any(line.startswith("AUTH ") and "BIGTOKEN" in line for line in ehlo.lines), ehlo
+    return client
+
+
+def test_an_empty_sasl_response_reaches_the_backend_and_the_exchange_stays_in_step(sasl_backend, start_proxy, pki):
+    """After the backend's 334 the client's next line is a SASL response, not a command:
+    an empty one (XOAUTH2's acknowledgement of an error) must reach the backend, or the
+    backend takes the next command for the response and every reply after answers the
+    wrong command."""
+    handler, port = sasl_backend
+    proxy = start_proxy(port)
+    with _authenticating_client(proxy, pki) as client:
+        challenge = client.command("AUTH XOAUTH2 dXNlcj1hAWF1dGg9QmVhcmVyIHgBAQ==")
+        assert challenge.code == 334, challenge
+        assert client.command("").code == 535
+        assert client.command("MAIL FROM:<a@example.org>").code == 250
+        assert client.command("QUIT").code == 221
+    assert handler.responses == [b""]
+
+
+def test_a_sasl_token_longer_than_a_command_line_is_relayed(sasl_backend, start_proxy, pki):
+    """GSSAPI tokens run to kilobytes: the response line may be as long as Postfix's
+    smtpd_sasl_response_limit (12,288 bytes), not only max_command_line (2,048)."""
+    handler, port = sasl_backend
+    proxy = start_proxy(port)
+    token_line = base64.b64encode(b"t" * _SaslBackend.TOKEN_SIZE)
+    with _authenticating_client(proxy, pki) as client:
+        assert client.command("AUTH BIGTOKEN").code == 334
+        assert client.command(token_line).code == 235
+        _send_marked(client, marker := token())
+        client.command("QUIT")
+    assert handler.responses == [b"t" * _SaslBackend.TOKEN_SIZE]
+    assert any(marker.encode() in m for m in handler.messages)
+
+
+def test_a_sasl_response_over_the_limit_cancels_the_exchange(sasl_backend, start_proxy, pki):
+    """Past 12,288 bytes the proxy cancels the exchange at the backend with "*" (RFC 4954)
+    and tells the client why; both sides are back at the command level."""
+    handler, port = sasl_backend
+    proxy = start_proxy(port)
+    with _authenticating_client(proxy, pki) as client:
+        assert client.command("AUTH BIGTOKEN").code == 334
+        too_long = client.command(b"A" * 20000)
+        assert too_long.code == 500 and too_long.lines[0].startswith("5.5.6 "), too_long
+        assert client.command("NOOP").code == 250
+        assert client.command("QUIT").code == 221
+    assert handler.responses == []  # the backend got the cancel, not a token
 
 
 # ----------------------------------------------------------------------- half-close and stuck clients

@@ -11,6 +11,7 @@ from smtproxy.inbound.session import (
     InboundSession,
     InboundSettings,
     MAX_PIPELINED,
+    SASL_RESPONSE_LIMIT,
     MessageFinished,
     SendBackend,
     SendClient,
@@ -114,6 +115,53 @@ def test_after_tls_ehlo_shows_auth_and_no_starttls():
     reply = to_client(session.backend_data(BACKEND_EHLO))
     assert b"AUTH PLAIN LOGIN" in reply
     assert b"STARTTLS" not in reply
+
+
+def authenticating(**overrides) -> InboundSession:
+    """After STARTTLS and EHLO again: AUTH is offered (auth_only_after_tls)."""
+    session = ehloed(**overrides)
+    session.client_data(b"STARTTLS\r\n")
+    session.tls_established(("(using TLSv1.3)",))
+    session.client_data(b"EHLO client.example\r\n")
+    session.backend_data(BACKEND_EHLO)
+    return session
+
+
+def test_sasl_responses_go_to_the_backend_as_they_are_until_the_exchange_ends():
+    """RFC 4954: after a 334 the next line is a response (empty, "*", or base64 of any
+    length up to SASL_RESPONSE_LIMIT), never a command; the exchange ends at any other reply."""
+    session = authenticating()
+    assert to_backend(session.client_data(b"AUTH LOGIN\r\n")) == b"AUTH LOGIN\r\n"
+    assert to_client(session.backend_data(b"334 VXNlcm5hbWU6\r\n")) == b"334 VXNlcm5hbWU6\r\n"
+    assert to_backend(session.client_data(b"\r\n")) == b"\r\n"
+    session.backend_data(b"334 UGFzc3dvcmQ6\r\n")
+    token = b"QUJD" * 2000 + b"\r\n"  # 8,002 bytes: longer than a command line
+    assert to_backend(session.client_data(token)) == token
+    assert to_client(session.backend_data(b"235 2.7.0 Authentication successful\r\n")).startswith(b"235 ")
+    assert to_backend(session.client_data(b"NOOP\r\n")) == b"NOOP\r\n"  # commands again
+    assert session.errors == 0
+
+
+def test_a_command_pipelined_behind_auth_waits_for_its_reply():
+    """Until the backend has answered AUTH, a following line may be the response its 334
+    asks for: it is held back, as Postfix's smtpd reads it only after the 334."""
+    session = authenticating()
+    actions = session.client_data(b"AUTH PLAIN\r\nMAIL FROM:<a@x.example>\r\n")
+    assert to_backend(actions) == b"AUTH PLAIN\r\n"
+    assert session.input_blocked
+    actions = session.backend_data(b"535 5.7.8 no\r\n")
+    assert to_client(actions) == b"535 5.7.8 no\r\n"
+    assert to_backend(actions) == b"MAIL FROM:<a@x.example>\r\n"
+
+
+def test_a_sasl_response_over_the_limit_cancels_the_exchange_at_the_backend():
+    session = authenticating()
+    session.client_data(b"AUTH GSSAPI\r\n")
+    session.backend_data(b"334 \r\n")
+    assert to_backend(session.client_data(b"A" * (SASL_RESPONSE_LIMIT + 10) + b"\r\n")) == b"*\r\n"
+    actions = session.backend_data(b"501 5.7.0 Authentication aborted\r\n")
+    assert to_client(actions).startswith(b"500 5.5.6 ")
+    assert to_backend(session.client_data(b"NOOP\r\n")) == b"NOOP\r\n"
 
 
 def test_encrypt_refuses_mail_before_tls():
