@@ -303,6 +303,7 @@ class ClientConnection(asyncio.Protocol):
         tls = self.session.tls_active
         self.log.info(
             f"disconnect from unknown[{self._client_ip}]",
+            direction="inbound",
             tls=tls,
             messages=self.session.messages,
             bytes=self.session.message_bytes,

@@ -121,8 +121,9 @@ class OutboundServer:
             self.sessions.discard(task)
             linger = close_with_linger(writer.transport, asyncio.get_running_loop())
             duration = time.monotonic() - started
-            session_log.info(f"disconnect from unknown[{peer[0]}]", direction="outbound", messages=session.messages,
-                             bytes=session.message_bytes, duration=round(duration, 3))
+            session_log.info(f"disconnect from unknown[{peer[0]}]", direction="outbound", tls=False,
+                             messages=session.messages, bytes=session.message_bytes, errors=session.errors,
+                             duration=round(duration, 3))
             self.bus.publish(SessionEnded(Direction.OUTBOUND, "unknown", peer[0], False, session.messages,
                                           session.message_bytes, duration))
             with contextlib.suppress(OSError):  # an MTA that reads nothing more: the linger aborts

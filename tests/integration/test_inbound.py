@@ -890,7 +890,7 @@ def test_silent_client_is_closed_after_the_handshake_timeout(postfix, start_prox
     proxy.process.wait_for_log(
         lambda r: r["event"] == "SSL_accept error from unknown[127.0.0.1]: handshake_timeout")
     end = proxy.process.wait_for_log(lambda r: r["event"] == "disconnect from unknown[127.0.0.1]")
-    assert end["tls"] is False and end["messages"] == 0
+    assert end["tls"] is False and end["messages"] == 0 and end["direction"] == "inbound"
 
 
 @pytest.mark.parametrize("implicit", [False, True], ids=["starttls", "implicit-tls"])

@@ -970,6 +970,8 @@ def test_an_mta_that_keeps_sending_errors_is_disconnected_at_max_errors(smtp_sin
         refused = mta.command("MAIL FROM:nobody")
         assert refused.code == 421 and refused.text.startswith("4.7.0 out.example.test Error: too many errors"), refused
         assert mta.expect_close() == b""
+    ended = proxy.process.wait_for_log(lambda r: r["event"] == "disconnect from unknown[127.0.0.1]")
+    assert (ended["direction"], ended["tls"], ended["errors"], ended["messages"]) == ("outbound", False, 4, 0), ended
 
 
 def test_a_remote_that_floods_a_cached_connection_is_cut_off(start_outbound, scripted_remote):
