@@ -101,7 +101,7 @@ def build_outbound_parts(config: Config, bus: EventBus) -> OutboundParts:
     except (OSError, ValueError) as exc:
         raise StartupError(f"outbound.tls: cannot load TLS settings: {exc}") from exc
     settings = ConnectSettings(outbound.hostname, outbound.connect_timeout, outbound.handshake_timeout,
-                               outbound.reply_timeout, outbound.mx_address_limit)
+                               outbound.reply_timeout, outbound.mx_address_limit, outbound.plaintext_fallback_delay)
     connector = Connector(settings, client_tls, bus, SessionCache(outbound.tls.session_cache_timeout))
     limits = PoolLimits(outbound.connection_cache_time_limit, outbound.connection_reuse_time_limit,
                         outbound.connection_reuse_count_limit, outbound.connection_cache_size,

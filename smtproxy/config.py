@@ -216,10 +216,15 @@ class Integer(Kind):
 
 
 class Seconds(Kind):
-    allowed = f"a number of seconds > 0 and ≤ {MAX_SECONDS:g}"
+    def __init__(self, zero: str | None = None) -> None:
+        self.zero = zero
+        self.allowed = f"a number of seconds > 0 and ≤ {MAX_SECONDS:g}"
+        if zero:
+            self.allowed = f"0 ({zero}) or {self.allowed}"
 
     def parse(self, value, key, ctx):
-        if type(value) in (int, float) and math.isfinite(value) and 0 < value <= MAX_SECONDS:
+        if type(value) in (int, float) and math.isfinite(value) and (0 < value or value == 0 and self.zero) \
+                and value <= MAX_SECONDS:
             return float(value)
         raise self.fail(key, value)
 
@@ -789,6 +794,7 @@ class OutboundConfig:
         optional=True, must_exist=True, what="a file path (PEM CA certificates)"), None)
     port: int = _key(Integer(1, 65535), 25)
     mx_address_limit: int = _key(Integer(0, zero="unlimited"), 5)
+    plaintext_fallback_delay: float = _key(Seconds(zero="at once"), 300.0)
     hostname: str = _key(HostName(), default_factory=default_hostname)
     bare_newline: str = _key(Choice(("reject", "normalize")), "normalize")
     idle_timeout: float = _key(Seconds(), 300.0)

@@ -3,7 +3,8 @@
 Postfix's smtp client order: try each MX address in turn; greet; EHLO; STARTTLS when the
 level wants TLS and the server offers it; authenticate the server per level; EHLO again.
 A policy failure moves on to the next address; only `may` (and `dane` until DANE lookups
-exist) falls back to plaintext (DESIGN.md invariant 4).  Every handshake, and every failure
+exist) falls back to plaintext (DESIGN.md invariant 4), after a failed handshake only as
+`PlaintextFallback` allows.  Every handshake, and every failure
 to get one that the level cared about, is published as one `HandshakeFacts`.
 """
 
@@ -11,11 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
 import time
 
 import structlog
 
 from smtproxy.events import Direction, EventBus, HandshakeFacts
+from smtproxy.outbound.fallback import PlaintextFallback
 from smtproxy.outbound.upstream import UpstreamConnection, UpstreamError
 from smtproxy.policy.levels import Level, Policy, PolicyDecision
 from smtproxy.routing.router import Destination, Target
@@ -46,6 +49,7 @@ class ConnectSettings:
     handshake_timeout: float
     reply_timeout: float
     mx_address_limit: int = 5  # addresses tried per transaction, 0: all (Postfix smtp_mx_address_limit)
+    plaintext_fallback_delay: float = 300.0  # see PlaintextFallback
 
 
 @dataclasses.dataclass
@@ -86,7 +90,7 @@ class _TryNext(Exception):
 
 
 class _RetryInPlaintext(Exception):
-    """`may`: the TLS handshake failed; Postfix retries the same server without TLS."""
+    """`may`: the TLS handshake failed; the same server may be retried without TLS."""
 
 
 def _is_ip(text: str) -> bool:
@@ -115,6 +119,7 @@ class Connector:
         self.client_tls = client_tls
         self.bus = bus
         self.sessions = sessions
+        self.fallback = PlaintextFallback(settings.plaintext_fallback_delay)
 
     def remember_session(self, remote: RemoteSession) -> None:
         """Keep the TLS session of a connection whose handshake met its policy (called
@@ -143,12 +148,17 @@ class Connector:
         for target in destination.targets[:limit] if limit else destination.targets:
             try:
                 return await self._attempt(domain, destination.nexthop, target, policy, certificate, use_tls=True)
-            except _RetryInPlaintext:
-                try:
-                    return await self._attempt(domain, destination.nexthop, target, policy, certificate,
-                                               use_tls=False)
-                except _TryNext as exc:
-                    failures.append(exc.failure)
+            except _RetryInPlaintext as failed:
+                wait = self.fallback.handshake_failed((target.address, target.port))
+                if wait:
+                    failures.append(_Failure(f"{failed}; not retried without TLS for another {math.ceil(wait)} s",
+                                             policy=True))
+                else:
+                    try:
+                        return await self._attempt(domain, destination.nexthop, target, policy, certificate,
+                                                   use_tls=False)
+                    except _TryNext as exc:
+                        failures.append(exc.failure)
             except _TryNext as exc:
                 failures.append(exc.failure)
             log.info("delivery attempt failed", domain=domain, peer=f"{target.hostname}[{target.address}]",
@@ -238,7 +248,8 @@ class Connector:
                                   duration=time.monotonic() - started)
             if policy.level.tls_required:
                 raise _TryNext(_Failure(f"TLS handshake with {where} failed: {exc.reason}", policy=True)) from None
-            raise _RetryInPlaintext() from None
+            raise _RetryInPlaintext(f"TLS handshake with {where} failed: {exc.reason}") from None
+        self.fallback.handshake_completed((target.address, target.port))
         if connection.discarded_after_starttls:
             log.warning("discarded plaintext received after the 220 reply to STARTTLS",
                         peer=where, bytes=connection.discarded_after_starttls)

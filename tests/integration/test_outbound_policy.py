@@ -346,12 +346,12 @@ def test_starttls_refused_with_454(level, refuses_454, start_outbound):
 @pytest.mark.parametrize("level", ["may", "encrypt"])
 def test_220_to_starttls_then_no_handshake(level, starttls, start_outbound):
     """A 220 to STARTTLS followed by a close or by silence is a failed handshake: `may`
-    retries the server in plaintext on a new connection (Postfix's opportunistic TLS);
-    `encrypt` defers, and no MAIL goes out."""
+    retries the server in plaintext on a new connection (Postfix's opportunistic TLS, here
+    without the delay before it); `encrypt` defers, and no MAIL goes out."""
     peer = ScriptedStarttls(starttls).start()
     try:
         proxy = start_outbound({"starttls220.test": f"[127.0.0.1]:{peer.port}"}, default_level=level,
-                               handshake_timeout=1)
+                               handshake_timeout=1, plaintext_fallback_delay=0)
         marker = token()
         result = swaks_via(proxy, marker, "user@starttls220.test")
         reason = {"close": "lost_connection", "hang": "handshake_timeout"}[starttls]
@@ -373,10 +373,11 @@ def test_220_to_starttls_then_no_handshake(level, starttls, start_outbound):
 def test_handshake_refused_by_a_real_postfix(level, remotes, dns_server, start_outbound):
     """No TLS 1.2 suite in common (the remote has an ECDSA certificate, the policy excludes
     aECDSA): Postfix ends the handshake with an alert. `may` delivers in plaintext to the
-    same server, `encrypt` defers with the handshake's reason and sends no MAIL."""
+    same server (here without the delay before it), `encrypt` defers with the handshake's
+    reason and sends no MAIL."""
     sessions = SmtpdSessions(remotes.good)
     proxy = proxy_for(start_outbound, remotes, dns_server,
-                      f"remote.test {level} protocols=<=TLSv1.2 exclude=aECDSA\n")
+                      f"remote.test {level} protocols=<=TLSv1.2 exclude=aECDSA\n", plaintext_fallback_delay=0)
     marker = token()
     result = swaks_via(proxy, marker)
     where = f"mx.remote.test[127.0.0.1]:{remotes.port}"
@@ -390,6 +391,23 @@ def test_handshake_refused_by_a_real_postfix(level, remotes, dns_server, start_o
         assert received_tls(delivered(remotes.good, marker)) is None
         assert remotes.holders(marker) == ["mx.remote.test"]
     assert not established(proxy)
+
+
+def test_may_defers_a_server_whose_handshake_fails_until_the_fallback_delay(remotes, dns_server, start_outbound):
+    """As Postfix: after a failed handshake `may` mail is not sent in plaintext at once
+    (whoever breaks handshakes on the path would read it), but deferred until the server
+    has failed for plaintext_fallback_delay; the handshake failure is still reported."""
+    sessions = SmtpdSessions(remotes.good)
+    proxy = proxy_for(start_outbound, remotes, dns_server, "remote.test may protocols=<=TLSv1.2 exclude=aECDSA\n")
+    marker = token()
+    where = f"mx.remote.test[127.0.0.1]:{remotes.port}"
+    first, second = swaks_via(proxy, marker), swaks_via(proxy, marker)
+    assert_deferred(first, f"TLS handshake with {where} failed: sslv3_alert_handshake_failure; "
+                           "not retried without TLS for another 300 s")
+    assert_deferred(second, "not retried without TLS for another")
+    assert sessions.disconnects(2) == ["ehlo=1 starttls=0/1 commands=1/2"] * 2  # no plaintext session, no MAIL
+    assert remotes.holders(marker) == []
+    assert logged(proxy, f"SSL_connect error to {where}: sslv3_alert_handshake_failure")
 
 
 # ----------------------------------------------------------------------------- verify

@@ -934,7 +934,7 @@ def test_render_round_trip_of_every_key_changed(tmp_path):
         },
         "outbound": {"listen": ["0.0.0.0:10025"], "mode": "transparent", "client_networks": ["10.1.0.0/16"],
                      "default_level": "dane-only",
-                     "policy_file": "policy", "routes_file": "routes", "ca_file": "ca.pem", "port": 587, "mx_address_limit": 2,
+                     "policy_file": "policy", "routes_file": "routes", "ca_file": "ca.pem", "port": 587, "mx_address_limit": 2, "plaintext_fallback_delay": 7,
                      "hostname": "out.example.com", "bare_newline": "reject", "idle_timeout": 60,
                      "connect_timeout": 5, "handshake_timeout": 7, "reply_timeout": 9, "data_done_timeout": 8, "drain_timeout": 3,
                      "max_connections": 7, "max_message_size": 1000, "max_errors": 4, "connection_cache_time_limit": 1,

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import serialization
 
 from smtproxy.config import OutboundTlsConfig, SenderCertificateConfig
 from smtproxy.events import EventBus
-from smtproxy.outbound.connector import RemoteSession, _session_key
+from smtproxy.outbound.connector import ConnectSettings, RemoteSession, _session_key
 from smtproxy.outbound.pool import ConnectionPool, PoolLimits
 from smtproxy.policy.levels import Level, Policy, PolicyDecision
 from smtproxy.routing.router import Destination, Target
@@ -206,7 +206,7 @@ def test_remember_session_stores_under_the_certificate_of_the_connection(ids, ca
     handshake(engine, server)
     remote = RemoteSession(types.SimpleNamespace(engine=engine), TARGET, "example.com", MAY, EhloReply("x"),
                            types.SimpleNamespace(ok=True), client_certificate=ids.alpha)
-    connector = Connector(None, None, EventBus(), SessionCache(3600))  # type: ignore[arg-type]
+    connector = Connector(ConnectSettings("out.example", 1, 1, 1), None, EventBus(), SessionCache(3600))  # type: ignore[arg-type]
     connector.remember_session(remote)
     session = connector.sessions.get(_session_key(TARGET, MX, MAY, ids.alpha))
     assert session is not None and session.has_ticket
