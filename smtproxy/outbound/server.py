@@ -117,6 +117,9 @@ class OutboundServer:
             await session.run()
         except asyncio.CancelledError:
             writer.write(Reply.of(421, "4.3.2", f"{self.config.hostname} Service shutting down").serialize())
+        except Exception:  # a bug: the MTA tries again later instead of losing its connection unanswered
+            session_log.exception("internal error, session ended")
+            writer.write(Reply.of(421, "4.3.0", f"{self.config.hostname} Error: internal error").serialize())
         finally:
             self.sessions.discard(task)
             linger = close_with_linger(writer.transport, asyncio.get_running_loop())

@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable
 from smtproxy.events import Direction, EventBus, MessageRelayed
 from smtproxy.outbound.connector import DeliveryFailure, RemoteSession
 from smtproxy.outbound.upstream import UpstreamError
+from smtproxy.routing.mx import a_label
 from smtproxy.smtp import (
     LINE_TOO_LONG,
     ChunkReader,
@@ -86,12 +87,14 @@ class MtaGone(Exception):
 
 
 def recipient_domain(path: str) -> str | None:
-    """The domain part, or an address literal (`[192.0.2.1]`, RFC 5321 4.1.3: the router
-    delivers to it, or refuses a malformed one)."""
+    """The domain part as an A-label (RFC 6531 lets an MTA send `bücher.example`; routes,
+    policies and DNS know `xn--bcher-kva.example`), or an address literal (`[192.0.2.1]`,
+    RFC 5321 4.1.3: the router delivers to it, or refuses a malformed one). None: no
+    domain, or none that can be a DNS name."""
     local, at, domain = path.rpartition("@")
     if not at or not local or not domain:
         return None
-    return domain.lower() if domain.startswith("[") else domain.rstrip(".").lower()
+    return domain.lower() if domain.startswith("[") else a_label(domain.rstrip("."))
 
 
 def _as_451(reply: Reply) -> Reply:

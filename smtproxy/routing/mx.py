@@ -41,6 +41,15 @@ _PERMANENT_NAME_ERRORS = (dns.resolver.NXDOMAIN, dns.exception.SyntaxError, dns.
                           dns.name.IDNAException)
 
 
+def a_label(domain: str) -> str | None:
+    """`domain` in its ASCII form (`bücher.example` -> `xn--bcher-kva.example`), lower-case,
+    as tables, DNS and TLSRPT reports name it; None if it is no valid DNS name."""
+    try:
+        return dns.name.from_text(domain).to_text(omit_final_dot=True).lower()
+    except dns.exception.DNSException:
+        return None
+
+
 class RoutingError(Exception):
     """No destination: `reply` goes to the legacy MTA, `reason` is a short phrase for logs."""
 

@@ -29,7 +29,8 @@ from smtproxy.config import TlsrptConfig
 from smtproxy.events import Direction, EventBus, HandshakeFacts, TlsrptEventDropped, TlsrptEventSent
 from smtproxy.policy.levels import Level
 from smtproxy.telemetry.tlsrpt_datagram import TlsrptFailure, TlsrptPolicy, TlsrptResult, encode
-from smtproxy.telemetry.tlsrpt_record import TlsrptRecords, a_label
+from smtproxy.routing.mx import a_label
+from smtproxy.telemetry.tlsrpt_record import TlsrptRecords
 
 log = structlog.get_logger("smtproxy.tlsrpt")
 

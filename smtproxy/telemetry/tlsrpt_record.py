@@ -16,7 +16,6 @@ from collections.abc import Callable, Iterable
 
 import dns.asyncresolver
 import dns.exception
-import dns.name
 import dns.resolver
 import structlog
 
@@ -47,14 +46,6 @@ def tlsrpt_record(texts: Iterable[str]) -> str | None:
     if not all(_EXTENSION.fullmatch(field) for field in fields if not field.startswith("rua=")):
         return None
     return record
-
-
-def a_label(domain: str) -> str | None:
-    """`domain` in the ASCII form TLSRPT reports use; None if it is no valid DNS name."""
-    try:
-        return dns.name.from_text(domain).to_text(omit_final_dot=True).lower()
-    except dns.exception.DNSException:
-        return None
 
 
 class TlsrptRecords:

@@ -1004,6 +1004,19 @@ def test_a_remote_that_floods_a_cached_connection_is_cut_off(start_outbound, scr
     assert remote.notes.get("cut off after", limit) < 16 * 1024 * 1024, remote.notes
 
 
+def test_a_recipient_domain_in_unicode_is_routed_by_its_a_label(smtp_sink, start_outbound):
+    """An MTA may name the domain as a U-label (RFC 6531); tables, DNS and policies know the
+    A-label. It used to raise at the policy lookup: no reply to RCPT, the MTA disconnected."""
+    proxy = start_outbound({"xn--bcher-kva.test": f"[127.0.0.1]:{smtp_sink.port}"}, default_level="may")
+    marker = token()
+    with open_session(proxy) as mta:
+        assert relay_in_session(mta, "user@bücher.test", marker)[1].code == 250
+        assert mta.command("QUIT").code == 221
+    assert any(marker.encode() in m for m in smtp_sink.wait_for_messages(1))
+    relayed = proxy.process.wait_for_log("message relayed")
+    assert relayed["domain"] == "xn--bcher-kva.test", relayed
+
+
 def test_a_cached_connection_that_sent_an_unasked_reply_is_not_reused(start_outbound, scripted_remote):
     """The remote answers the RSET that parks the connection with a second 250 nobody asked
     for (in the same segment). Reused, the connection would give that 250 as the reply to

@@ -17,7 +17,8 @@ import dns.rdatatype
 import pytest
 import structlog
 
-from smtproxy.telemetry.tlsrpt_record import FAILURE_TTL, TlsrptRecords, a_label, tlsrpt_record
+from smtproxy.routing.mx import a_label
+from smtproxy.telemetry.tlsrpt_record import FAILURE_TTL, TlsrptRecords, tlsrpt_record
 
 GOOD = "v=TLSRPTv1; rua=mailto:tlsrpt@example.com"
 
