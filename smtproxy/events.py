@@ -71,7 +71,7 @@ class HandshakeFacts:
     failure_type: str | None = None
     failure_reason: str | None = None
     # outbound only: what TLSRPT reports besides the handshake itself
-    domain: str | None = None  # the recipient domain (the policy domain)
+    domain: str | None = None  # the TLSRPT policy domain (outbound.connector.tlsrpt_domain); None: no report
     local_addr: str | None = None  # sending-mta-ip
     peer_helo: str | None = None  # the remote's EHLO reply before STARTTLS, CRLF-joined (receiving-mx-helo)
     policy_level: str | None = None  # the TLS security level the attempt was made under

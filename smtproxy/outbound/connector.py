@@ -193,7 +193,7 @@ class Connector:
                     if facts is not None:
                         ehlo = await self._ehlo(connection, where, policy)
                 elif policy.level.tls_required:
-                    self._publish_failure(domain, target, connection, helo, policy,
+                    self._publish_failure(nexthop, target, connection, helo, policy,
                                           "starttls-not-supported", "starttls_not_offered")
                     raise _TryNext(_Failure(f"TLS is required, but was not offered by host {where}", policy=True))
             return RemoteSession(connection, target, nexthop, policy, ehlo, facts, client_certificate=certificate)
@@ -231,7 +231,7 @@ class Connector:
                                     policy=True)) from None
         reply = await connection.command("STARTTLS", self.settings.reply_timeout)
         if reply.code != 220:
-            self._publish_failure(domain, target, connection, helo, policy, "starttls-not-supported",
+            self._publish_failure(nexthop, target, connection, helo, policy, "starttls-not-supported",
                                   f"starttls_refused_{reply.code}")
             if policy.level.tls_required:
                 raise _TryNext(_Failure(f"TLS is required, but host {where} refused to start TLS: "
@@ -244,7 +244,7 @@ class Connector:
         except TlsHandshakeError as exc:
             self.sessions.discard(session_key)
             log.warning(f"SSL_connect error to {where}: {exc.reason}", domain=domain)
-            self._publish_failure(domain, target, connection, helo, policy, exc.failure_type, exc.reason,
+            self._publish_failure(nexthop, target, connection, helo, policy, exc.failure_type, exc.reason,
                                   duration=time.monotonic() - started)
             if policy.level.tls_required:
                 raise _TryNext(_Failure(f"TLS handshake with {where} failed: {exc.reason}", policy=True)) from None
@@ -260,7 +260,7 @@ class Connector:
                         duration=time.monotonic() - started, peer_trust=verdict.trust,
                         peer_certificate=verdict.certificate,
                         local_key_detail=self.client_tls.local_key_detail(certificate)),
-            domain=domain, local_addr=self._local_addr(connection), peer_helo=helo,
+            domain=tlsrpt_domain(nexthop), local_addr=self._local_addr(connection), peer_helo=helo,
             policy_level=str(policy.level))
         if verdict.failure is not None:
             self.sessions.discard(session_key)
@@ -291,13 +291,21 @@ class Connector:
         sockname = connection.transport.get_extra_info("sockname")
         return sockname[0] if sockname else None
 
-    def _publish_failure(self, domain: str, target: Target, connection: UpstreamConnection, helo: str,
+    def _publish_failure(self, nexthop: str, target: Target, connection: UpstreamConnection, helo: str,
                          policy: Policy, failure_type: str, reason: str, duration: float = 0.0) -> None:
         self.bus.publish(HandshakeFacts(
             direction=Direction.OUTBOUND, peer_name=target.hostname, peer_addr=target.address,
             peer_port=target.port, duration=duration, failure_type=failure_type, failure_reason=reason,
-            domain=domain, local_addr=self._local_addr(connection), peer_helo=helo,
+            domain=tlsrpt_domain(nexthop), local_addr=self._local_addr(connection), peer_helo=helo,
             policy_level=str(policy.level)))
+
+
+def tlsrpt_domain(nexthop: str) -> str | None:
+    """The domain whose TLSRPT policy a handshake with this nexthop's servers is reported
+    to: the next-hop domain, whose MX hosts they are (the recipient domain, unless a route
+    sends its mail elsewhere); None for `[host]` and address literals, which are no domain's
+    MX hosts (Postfix reports nothing for them)."""
+    return None if nexthop.startswith("[") else nexthop.partition(":")[0]
 
 
 def _session_key(target: Target, server_name: str | None, policy: Policy,

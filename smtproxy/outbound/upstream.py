@@ -46,7 +46,6 @@ class UpstreamConnection(asyncio.Protocol):
         self._closed_reason: str | None = None
         self._handshake_error: TlsHandshakeError | None = None
         self._parked = False  # idle in the connection cache: no reply is due
-        self._tls_bytes_received = False
         self._can_write = asyncio.Event()
         self._can_write.set()
 
@@ -71,7 +70,6 @@ class UpstreamConnection(asyncio.Protocol):
         if self.engine is None:
             self._parser.feed(data)
         else:
-            self._tls_bytes_received = True
             try:
                 plaintext = self.engine.receive(data)
             except TlsHandshakeError as exc:
@@ -193,9 +191,10 @@ class UpstreamConnection(asyncio.Protocol):
         """Run the handshake after the server's 220 to STARTTLS.
 
         Every way it can fail raises TlsHandshakeError: a TLS error as OpenSSL words it, a
-        lost connection or a timeout as `lost_connection` / `handshake_timeout`. Those two
-        are typed starttls-not-supported when not one byte came back after the 220 (a 220
-        followed by no handshake is how STARTTLS is stripped), validation-failure otherwise.
+        lost connection or a timeout as `lost_connection` / `handshake_timeout`. All are
+        validation-failure for TLSRPT, as Postfix reports them (tls-handshake-failure): the
+        server did offer and accept STARTTLS, so starttls-not-supported would misname it
+        (and, not reported under `may`, hide a handshake broken on the path).
         """
         self.discarded_after_starttls = len(self._parser.take_buffer())
         self.engine = engine
@@ -214,9 +213,9 @@ class UpstreamConnection(asyncio.Protocol):
         if self._handshake_error is not None:
             raise self._handshake_error
 
-    def _unfinished_handshake(self, reason: str) -> TlsHandshakeError:
-        return TlsHandshakeError("validation-failure" if self._tls_bytes_received else "starttls-not-supported",
-                                 reason)
+    @staticmethod
+    def _unfinished_handshake(reason: str) -> TlsHandshakeError:
+        return TlsHandshakeError("validation-failure", reason)
 
     def _flush_tls(self) -> None:
         if self.engine is not None and self.transport is not None and not self.transport.is_closing():

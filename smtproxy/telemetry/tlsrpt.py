@@ -4,9 +4,10 @@ for sys4's tlsrpt-collectd, as Postfix 3.10 sends them through libtlsrpt.
 What is reported (Postfix's rules, smtp_tlsrpt.c): one final result per new connection,
 success or the failure the connector met; never for a reused cached connection; for a
 resumed TLS session only with `skip_reused_handshakes = false`; starttls-not-supported
-only where the level requires TLS; and only to domains whose `_smtp._tls` TXT record asks
-for reports.  Without DANE or MTA-STS the policy is no-policy-found, for the recipient
-domain.
+only where the level requires TLS; never about `[host]` nexthops and address literals
+(`HandshakeFacts.domain` is None); and only to domains whose `_smtp._tls` TXT record asks
+for reports.  Without DANE or MTA-STS the policy is no-policy-found, for the next-hop
+domain (the recipient domain unless a route sends its mail elsewhere).
 
 Nothing here may delay mail (DESIGN.md invariant 6): the bus callback only queues the
 facts; one task looks up the record and sends, in order, on a non-blocking datagram

@@ -1,8 +1,10 @@
 """Which domains want TLSRPT: their `_smtp._tls` TXT record (RFC 8460 section 3).
 
-Records that do not start with the version `v=TLSRPTv1` are ignored; unless exactly one
-is left, the domain does not take part.  That one must follow the RFC's grammar, with
-exactly one `rua=` list of mailto: or https: URIs, or it is ignored too.  Answers are
+Records that do not begin with `v=TLSRPTv1;` are ignored (as RFC 8460 says, and as
+Postfix and tlsrpt-reportd read them: no blank before the semicolon); unless exactly one
+is left, the domain does not take part.  That one must have exactly one `rua=` list of
+mailto: or https: URIs (schemes in any case) and otherwise only `name=value` fields,
+which are ignored (the RFC: a superset of the grammar is accepted), or it is ignored too.  Answers are
 cached for their DNS TTL (negative answers for the SOA's negative TTL) by dnspython's
 cache; a lookup that failed (timeout, SERVFAIL) is not repeated for `FAILURE_TTL`, so a
 broken resolver costs one timeout per domain and minute, not one per delivery.
@@ -24,11 +26,11 @@ log = structlog.get_logger("smtproxy.tlsrpt")
 CACHE_SIZE = 10000  # answers kept (LRU)
 FAILURE_TTL = 60.0  # seconds a failed lookup is not repeated
 
-_VERSION = re.compile(r"v=TLSRPTv1[ \t]*;")
+_VERSION = re.compile(r"v=TLSRPTv1;")
 _FIELD_DELIM = re.compile(r"[ \t]*;[ \t]*")
-_URI = r"(?:mailto|https):[\x21-\x2b\x2d-\x3a\x3c-\x7e]+"  # commas and semicolons come %-encoded
+_URI = r"(?i:mailto|https):[\x21-\x2b\x2d-\x3a\x3c-\x7e]+"  # commas and semicolons come %-encoded
 _RUA = re.compile(rf"rua={_URI}(?:[ \t]*,[ \t]*{_URI})*")
-_EXTENSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}=[\x21-\x3a\x3c\x3e-\x7e]+")
+_FIELD = re.compile(r"[\x21-\x3a\x3c\x3e-\x7e]+=[\x21-\x3a\x3c-\x7e]*")  # any name=value, ignored
 
 
 def tlsrpt_record(texts: Iterable[str]) -> str | None:
@@ -43,7 +45,7 @@ def tlsrpt_record(texts: Iterable[str]) -> str | None:
     ruas = [field for field in fields if field.startswith("rua=")]
     if len(ruas) != 1 or not _RUA.fullmatch(ruas[0]):
         return None
-    if not all(_EXTENSION.fullmatch(field) for field in fields if not field.startswith("rua=")):
+    if not all(_FIELD.fullmatch(field) for field in fields if not field.startswith("rua=")):
         return None
     return record
 

@@ -422,3 +422,18 @@ def test_failed_handshake_is_one_failure_result(collector, start_proxy, remotes,
     [counts] = policies.values()
     assert (counts["cntrtotal"], counts["cntrfailure"]) == (1, 1), counts
     assert "sslv3_alert_handshake_failure" in json.dumps(counts["failures"]), counts
+
+
+def test_a_domain_routed_to_a_fixed_host_is_not_reported_about_that_host(collector, start_proxy, remotes, tmp_path):
+    """A route sends reported.test to [127.0.0.1]: that host is none of its MX hosts, so
+    reported.test gets no result about it (its owners could not fix it, and would learn an
+    internal relay). The same delivery by its MX records is reported."""
+    routes = tmp_path / "routes"
+    routes.write_text(f"reported.test [127.0.0.1]:{remotes.port}\n")
+    routed = start_proxy({"socket": str(collector.socket)}, routes_file=str(routes), default_level="encrypt")
+    routed.deliver("reported.test", remotes.good)
+    by_mx = start_proxy({"socket": str(collector.socket)}, default_level="encrypt")
+    by_mx.deliver("reported.test", remotes.good)
+    assert by_mx.wait_for_events("TLSRPT:", 1)[0].startswith("TLSRPT: status=success, domain=reported.test")
+    assert [e for e in routed.events("") if "TLS connection established to 127.0.0.1[127.0.0.1]" in e]
+    assert routed.events("TLSRPT:") == []

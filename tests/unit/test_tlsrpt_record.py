@@ -29,8 +29,10 @@ GOOD = "v=TLSRPTv1; rua=mailto:tlsrpt@example.com"
     "v=TLSRPTv1; rua=mailto:a@example.com,https://reports.example.com/v1",
     "v=TLSRPTv1; rua=mailto:a@example.com , mailto:b@example.com",
     "v=TLSRPTv1; rua=mailto:a@example.com;",
-    "v=TLSRPTv1 ; rua=mailto:a@example.com",  # RFC 8460 field-delim allows blanks
+    "v=TLSRPTv1; rua=mailto:a@example.com ; ext=1",  # blanks around a later delimiter
     "v=TLSRPTv1; ext_1=value; rua=mailto:a@example.com",
+    "v=TLSRPTv1; rua=MAILTO:a@example.com,HTTPS://reports.example.com/",  # URI schemes: any case
+    "v=TLSRPTv1; rua=mailto:a@example.com; " + "x" * 40 + "=future",  # a superset: unknown fields ignored
     "v=TLSRPTv1; rua=mailto:a%2Cb@example.com",
 ])
 def test_valid_records(record):
@@ -50,6 +52,7 @@ def test_valid_records(record):
     "v=tlsrptv1; rua=mailto:a@example.com",
     "v=TLSRPTv1",
     "rua=mailto:a@example.com; v=TLSRPTv1",
+    "v=TLSRPTv1 ; rua=mailto:a@example.com",  # not begun with "v=TLSRPTv1;": reportd refuses it too
 ])
 def test_invalid_records(record):
     assert tlsrpt_record([record]) is None
