@@ -172,15 +172,23 @@ class OutboundServer:
         return remote
 
     async def _transparent_destination(self, domain: str, original: tuple[str, int] | None) -> Destination:
-        """The original destination, named by the MX host that has its address if DNS knows one."""
+        """The original destination, named by the MX host that has its address if DNS knows
+        one; then the MX hosts after it. The MTA's connection to a dead MX never fails here
+        (the redirect accepts it), so the MTA cannot move on to the next MX as it would:
+        smtproxy does, in the domain's preference order, when the MTA was delivering to
+        the domain's MX hosts (not when it used a relay of its own)."""
         if original is None:
             raise DeliveryFailure(Reply.of(451, "4.3.5", "transparent mode: the original destination is unknown"))
         address, port = original
-        hostname = address
+        targets = [Target(address, address, port, None)]
         try:
             routed = await self.router.route(domain)
         except RoutingError:
             routed = None
         if routed is not None:
-            hostname = next((t.hostname for t in routed.targets if t.address == address), address)
-        return Destination(domain, (Target(hostname, address, port, None),), pinned=(address, port))
+            for index, target in enumerate(routed.targets):
+                if target.address == address:
+                    targets = [Target(target.hostname, address, port, target.preference),
+                               *(t for t in routed.targets[index + 1:] if t.address != address)]
+                    break
+        return Destination(domain, tuple(targets), pinned=(address, port))

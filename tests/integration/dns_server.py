@@ -29,7 +29,7 @@ import dns.message
 import dns.query
 import pytest
 
-from tests.integration.peers import LOOPBACK, free_port, stop_process, wait_until
+from tests.integration.peers import LOOPBACK, free_port, listening_in, stop_process, wait_until
 
 UNBOUND = shutil.which("unbound") or shutil.which("unbound", path="/usr/sbin:/sbin")
 
@@ -60,8 +60,12 @@ class Unbound:
         zones: Sequence[str] = ("test.",),
         port: int | None = None,
         start_timeout: float = 10.0,
+        command_prefix: Sequence[str] = (),
     ) -> None:
+        """`command_prefix`: run it elsewhere, e.g. ``ip netns exec NAME`` (then the readiness
+        check looks for its listening TCP socket, since a query from here cannot reach it)."""
         self.root = Path(root).resolve()
+        self.command_prefix = list(command_prefix)
         self.records = list(records)
         self.zones = list(zones)
         self.port = port or free_port()
@@ -107,7 +111,7 @@ class Unbound:
         self.config_file.write_text(self.config_text())
         with open(self.log_file, "wb") as log:
             self.process = subprocess.Popen(
-                [UNBOUND, "-d", "-c", str(self.config_file)],
+                [*self.command_prefix, UNBOUND, "-d", "-c", str(self.config_file)],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -123,6 +127,9 @@ class Unbound:
     def _answers(self) -> bool:
         if self.process is not None and self.process.poll() is not None:
             raise AssertionError(f"unbound exited {self.process.returncode}")
+        if self.command_prefix:
+            assert self.process is not None
+            return listening_in(self.process.pid, LOOPBACK, self.port)
         query = dns.message.make_query(self.zones[0], "SOA")
         try:
             dns.query.udp(query, LOOPBACK, timeout=0.2, port=self.port)

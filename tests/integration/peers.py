@@ -152,6 +152,25 @@ def is_listening(port: int) -> bool:
     return False
 
 
+def _proc_address(host: str, port: int) -> tuple[str, str]:
+    """(/proc/net table, local_address column) for host:port."""
+    if ":" in host:
+        packed = socket.inet_pton(socket.AF_INET6, host)
+        words = "".join(packed[i : i + 4][::-1].hex() for i in range(0, 16, 4))
+        return "tcp6", f"{words.upper()}:{port:04X}"
+    return "tcp", f"{socket.inet_aton(host)[::-1].hex().upper()}:{port:04X}"
+
+
+def listening_in(pid: int, host: str, port: int) -> bool:
+    """True if host:port listens in the network namespace of process `pid`."""
+    table, local = _proc_address(host, port)
+    try:
+        rows = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
+    except OSError:
+        return False
+    return any(f[1] == local and f[3] == "0A" for f in (row.split() for row in rows))
+
+
 # --------------------------------------------------------------------------- small helpers
 
 

@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -62,7 +61,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.peers import SmtpSink, SmtproxyProcess, wait_until, write_config
+from tests.integration.dns_server import Unbound
+from tests.integration.peers import SmtpSink, SmtproxyProcess, listening_in, wait_until, write_config
 
 pytestmark = pytest.mark.integration
 
@@ -70,6 +70,13 @@ PROXY_PORT = 10025  # inside the namespace: nothing else listens there
 MTA_UID = 65534  # nobody: the "legacy MTA" user whose port-25 connections are redirected
 REMOTE_V4 = "127.0.0.5"  # a loopback address of the namespace (127.0.0.0/8 is on its lo)
 REMOTE_V6 = "::1"
+DEAD_V4 = "127.0.0.7"  # the first MX of fallback.test: nothing listens there
+DNS_RECORDS = [  # served by an Unbound inside the namespace, on 127.0.0.1:53
+    "fallback.test. MX 10 mx1.fallback.test.",
+    f"mx1.fallback.test. A {DEAD_V4}",
+    "fallback.test. MX 20 mx2.fallback.test.",
+    f"mx2.fallback.test. A {REMOTE_V4}",
+]
 TOOLS = ("ip", "iptables", "ip6tables", "setpriv", "smtp-sink", "smtp-source")
 
 
@@ -79,25 +86,6 @@ def token() -> str:
 
 def _run(*command: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30)
-
-
-def _proc_address(host: str, port: int) -> tuple[str, str]:
-    """(/proc/net table, local_address column) for host:port."""
-    if ":" in host:
-        packed = socket.inet_pton(socket.AF_INET6, host)
-        words = "".join(packed[i : i + 4][::-1].hex() for i in range(0, 16, 4))
-        return "tcp6", f"{words.upper()}:{port:04X}"
-    return "tcp", f"{socket.inet_aton(host)[::-1].hex().upper()}:{port:04X}"
-
-
-def listening_in(pid: int, host: str, port: int) -> bool:
-    """True if host:port listens in the network namespace of process `pid`."""
-    table, local = _proc_address(host, port)
-    try:
-        rows = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
-    except OSError:
-        return False
-    return any(f[1] == local and f[3] == "0A" for f in (row.split() for row in rows))
 
 
 class Namespace:
@@ -182,7 +170,7 @@ def namespace() -> Iterator[Namespace]:
             ("ip", "link", "set", "lo", "up"),
             *((tables, "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-d", address, "--dport", "25",
                "-m", "owner", "--uid-owner", str(MTA_UID), "-j", "REDIRECT", "--to-ports", str(PROXY_PORT))
-              for tables, address in (("iptables", REMOTE_V4), ("ip6tables", REMOTE_V6))),
+              for tables, address in (("iptables", REMOTE_V4), ("iptables", DEAD_V4), ("ip6tables", REMOTE_V6))),
         ]
         for step in steps:
             result = ns.run(*step)
@@ -198,9 +186,9 @@ def namespace() -> Iterator[Namespace]:
 def setup(namespace: Namespace, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     root = tmp_path_factory.mktemp("transparent")
     (root / "policy").write_text("")
-    # Routes are not the nexthop in transparent mode: if smtproxy used this one, the mail
+    # Routes are not the nexthop in transparent mode: if smtproxy used these, the mail
     # would go to 127.0.0.9, where nothing listens, instead of the original destination.
-    (root / "routes").write_text("* [127.0.0.9]:25\n")
+    (root / "routes").write_text("remote.test [127.0.0.9]:25\nsame.test [127.0.0.9]:25\n")
     config = {
         "inbound": {"listen": [], "implicit_tls_listen": []},
         "outbound": {
@@ -221,7 +209,9 @@ def setup(namespace: Namespace, tmp_path_factory: pytest.TempPathFactory) -> Ite
     proxy = SmtproxyProcess(write_config(root / "proxy", config))
     proxy.command = namespace.command(*proxy.command)
     sinks: list[NetnsSink] = []
+    dns = Unbound(root / "unbound", DNS_RECORDS, port=53, command_prefix=namespace.command())
     try:
+        dns.start()
         sinks.append(NetnsSink(root / "sink4", namespace, REMOTE_V4, 25).start())
         sinks.append(NetnsSink(root / "sink6", namespace, REMOTE_V6, 25).start())
         proxy.start()
@@ -229,6 +219,7 @@ def setup(namespace: Namespace, tmp_path_factory: pytest.TempPathFactory) -> Ite
         yield Setup(namespace, proxy, *sinks)
     finally:
         proxy.stop()
+        dns.stop()
         for sink in sinks:
             sink.stop()
         print(f"--- smtproxy output ---\n{proxy.output_text()}")
@@ -294,3 +285,20 @@ def test_mail_for_one_domain_goes_to_whichever_address_the_mta_chose(setup: Setu
         other = setup.sink_v6 if sink is setup.sink_v4 else setup.sink_v4
         wait_until(lambda: [m for m in sink.messages() if marker.encode() in m], 20, f"{marker} at {remote}")
         assert not [m for m in other.messages() if marker.encode() in m], f"{marker} (sent to {remote}) went elsewhere"
+
+
+def test_a_dead_mx_is_passed_over_for_the_next_one_as_the_mta_would(setup: Setup):
+    """The MTA connects to the first MX of fallback.test, where nothing listens. Redirected,
+    its connection succeeds all the same, so it cannot move on to the next MX itself (it
+    would get 451 at RCPT and keep the mail until the first MX returns): smtproxy does,
+    in the domain's preference order."""
+    marker, after = token(), len(setup.proxy.logs())
+    sent = setup.namespace.run_as_mta("smtp-source", "-4", "-M", "legacy.example.test", "-f", "sender@example.test",
+                                      "-t", "user@fallback.test", "-S", marker, f"{DEAD_V4}:25")
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    relayed = setup.proxy.wait_for_log(lambda r: r["event"] == "message relayed", after=after)
+    assert (relayed["result"], relayed["relay"]) == ("accepted", f"mx2.fallback.test[{REMOTE_V4}]:25"), relayed
+    wait_until(lambda: [m for m in setup.sink_v4.messages() if marker.encode() in m], 20, f"{marker} at mx2")
+    failed = [r for r in setup.proxy.logs()[after:] if r["event"] == "delivery attempt failed"]
+    assert [r["peer"] for r in failed] == [f"mx1.fallback.test[{DEAD_V4}]"], failed
+
