@@ -98,9 +98,15 @@ def _parse_path_arg(
 
 
 def _split_path(text: str, syntax: Reply) -> tuple[str, str]:
-    """`<path>rest` → (path, rest); `>` and spaces may appear inside a quoted string."""
+    """`<path>rest` → (path, rest); `>` and spaces may appear inside a quoted string.
+    Without angle brackets the path is one word (`MAIL FROM:a@example.com`, from printers
+    and scripts): Postfix takes it by default (strict_rfc821_envelopes = no), and the
+    backend or remote, not the proxy, should be the one to refuse it."""
     if not text.startswith("<"):
-        raise PeerProtocolError(syntax)
+        path, space, rest = text.partition(" ")
+        if not path or "<" in path or ">" in path:
+            raise PeerProtocolError(syntax)
+        return path, space + rest
     quoted = escaped = False
     for index in range(1, len(text)):
         char = text[index]

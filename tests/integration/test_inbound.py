@@ -1038,6 +1038,23 @@ def test_backend_timeout_holds_even_when_shorter_than_the_connect_timeout(postfi
     proxy.process.wait_for_log("backend timeout")
 
 
+def test_addresses_without_angle_brackets_are_left_for_the_backend_to_judge(postfix, start_proxy):
+    """`MAIL FROM:a@example.org` (printers, scripts) breaks RFC 5321, but Postfix takes it
+    by default (strict_rfc821_envelopes = no): refused by the proxy, such mail would bounce
+    where the legacy MTA itself would have accepted it."""
+    proxy = start_proxy(postfix.port)
+    marker = token()
+    with RawSmtpClient(proxy.port) as client:
+        assert client.read_reply().code == 220 and client.ehlo().code == 250
+        assert client.command("MAIL FROM:a@example.org").code == 250
+        assert client.command("RCPT TO:user@example.test").code == 250
+        assert client.command("DATA").code == 354
+        client.send(f"Subject: {marker}\r\n\r\nok\r\n.\r\n".encode())
+        assert client.read_reply().code == 250
+        client.command("QUIT")
+    assert b"Return-Path: <a@example.org>" in delivered_with(postfix, marker)
+
+
 def test_bare_lf_in_data_is_rejected_and_nothing_delivered(postfix, start_proxy):
     proxy = start_proxy(postfix.port)
     smuggled, marker = token(), token()

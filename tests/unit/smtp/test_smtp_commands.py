@@ -58,6 +58,8 @@ def test_bad_command_lines(line):
         ("FROM:<@relay:a@x>", ("@relay:a@x", {})),
         ("FROM:<a@x>  AUTH=<>", ("a@x", {"AUTH": "<>"})),
         ("FROM:<ü@例え.jp> SMTPUTF8", ("ü@例え.jp", {"SMTPUTF8": None})),
+        ("FROM:a@x", ("a@x", {})),  # no angle brackets: taken as Postfix takes it
+        ("FROM: a@x SIZE=100", ("a@x", {"SIZE": "100"})),
     ],
 )
 def test_parse_mail_from(arg, expected):
@@ -66,7 +68,7 @@ def test_parse_mail_from(arg, expected):
 
 @pytest.mark.parametrize(
     "arg",
-    ["", "FROM:", "FROM:a@x", "TO:<a@x>", "FROM <a@x>", "FROM:<a@x", "FROM:<a b@x>", "FROM:<a@x>BODY=7BIT",
+    ["", "FROM:", "FROM:a b@x", "FROM:a@x>", "FROM:a<b@x", "TO:<a@x>", "FROM <a@x>", "FROM:<a@x", "FROM:<a b@x>", "FROM:<a@x>BODY=7BIT",
      "FROM:<a@x> =x", "FROM:<a@x> BODY=", "FROM:<a@x> -X", "FROM:<a@x> SIZE=1 SIZE=2", "FROM:<<a@x>>",
      'FROM:<"unterminated@x>'],
 )
@@ -78,9 +80,10 @@ def test_parse_mail_from_refuses(arg):
 def test_parse_rcpt_to():
     assert parse_rcpt_to("TO:<b@example.com> NOTIFY=NEVER") == ("b@example.com", {"NOTIFY": "NEVER"})
     assert parse_rcpt_to("to: <postmaster>") == ("postmaster", {})
+    assert parse_rcpt_to("TO:b@example.com NOTIFY=NEVER") == ("b@example.com", {"NOTIFY": "NEVER"})
 
 
-@pytest.mark.parametrize("arg", ["TO:<>", "FROM:<a@x>", "TO:b@x", "TO:<b@x>x"])
+@pytest.mark.parametrize("arg", ["TO:<>", "FROM:<a@x>", "TO:", "TO:<b@x>x"])
 def test_parse_rcpt_to_refuses(arg):
     reply = refusal(parse_rcpt_to, arg)
     assert (reply.code, reply.text) == (501, "5.5.4 Syntax: RCPT TO:<address>")

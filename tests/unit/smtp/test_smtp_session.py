@@ -114,7 +114,7 @@ def test_nested_mail(state):
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("MAIL FROM:a@x", (501, "5.5.4 Syntax: MAIL FROM:<address>")),
+        ("MAIL FROM:a b@x", (501, "5.5.4 Syntax: MAIL FROM:<address>")),
         ("MAIL FROM:<a@x> SIZE=big", (501, "5.5.4 Bad message size syntax")),
         ("MAIL FROM:<a@x> SIZE", (501, "5.5.4 Bad message size syntax")),
         ("MAIL FROM:<a@x> SIZE=1001", (552, "5.3.4 Message size exceeds fixed limit")),
@@ -133,7 +133,7 @@ def test_mail_size_within_limit_or_unlimited():
 
 def test_rcpt_refusals():
     assert refused(session_in(SmtpState.READY), "RCPT TO:<b@y>") == (503, "5.5.1 Error: need MAIL command")
-    assert refused(session_in(SmtpState.MAIL), "RCPT TO:b@y") == (501, "5.5.4 Syntax: RCPT TO:<address>")
+    assert refused(session_in(SmtpState.MAIL), "RCPT TO:b c@y") == (501, "5.5.4 Syntax: RCPT TO:<address>")
     assert refused(session_in(SmtpState.BDAT), "RCPT TO:<c@y>") == (503, "5.5.1 Error: RCPT after BDAT")
 
 
