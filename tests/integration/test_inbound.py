@@ -484,6 +484,50 @@ def test_testssl_finds_no_weakness_on_starttls_and_implicit_tls(start_proxy, tmp
         delivered_with(sink, marker)
 
 
+SSLYZE = Path(__file__).resolve().parents[2] / ".venv" / "sslyze" / "bin" / "sslyze"  # scripts/install-test-deps
+
+
+def test_sslyze_finds_both_resumptions_and_nothing_unsafe_on_either_listener(start_proxy, tmp_path):
+    """A second external judge, a different TLS client (sslyze, on its own OpenSSL build):
+    both ways to resume (TLS 1.2 session IDs and tickets, 5 tries each) work, and nothing
+    a sender could abuse is on: no SSLv2/3, TLS 1.0/1.1, compression, 0-RTT early data
+    (replayable commands), client-initiated renegotiation; fallback SCSV and extended
+    master secret are. The proxy's own log must show the resumptions too."""
+    with SmtpSink(tmp_path / "sink") as sink:
+        proxy = start_proxy(sink.port)
+        for name, target in (("starttls", ["--starttls", "smtp", f"127.0.0.1:{proxy.port}"]),
+                             ("implicit", [f"127.0.0.1:{proxy.tls_port}"])):
+            out = tmp_path / f"sslyze-{name}.json"
+            logged = len(proxy.process.logs())
+            scan = subprocess.run(
+                [str(SSLYZE), "--sslv2", "--sslv3", "--tlsv1", "--tlsv1_1", "--tlsv1_2", "--tlsv1_3", "--resum",
+                 "--reneg", "--early_data", "--compression", "--fallback", "--ems", "--heartbleed", "--openssl_ccs",
+                 "--mozilla_config", "disable", "--json_out", str(out), *target],
+                capture_output=True, text=True, timeout=120)
+            assert scan.returncode == 0, scan.stdout + scan.stderr
+            [server] = json.loads(out.read_text())["server_scan_results"]
+            assert server["scan_status"] == "COMPLETED", (name, server)
+            found = {key: value["result"] for key, value in server["scan_result"].items()
+                     if value and value["status"] == "COMPLETED"}
+            for version in ("ssl_2_0", "ssl_3_0", "tls_1_0", "tls_1_1"):
+                assert not found[f"{version}_cipher_suites"]["is_tls_version_supported"], (name, version)
+            assert found["tls_1_3_cipher_suites"]["is_tls_version_supported"], name
+            resumption = found["session_resumption"]
+            assert (resumption["session_id_resumption_result"], resumption["tls_ticket_resumption_result"]) == (
+                "FULLY_SUPPORTED", "FULLY_SUPPORTED"), (name, resumption)
+            assert not found["tls_1_3_early_data"]["supports_early_data"], name
+            assert not found["tls_compression"]["supports_compression"], name
+            renegotiation = found["session_renegotiation"]
+            assert renegotiation["client_renegotiations_success_count"] == 0, (name, renegotiation)
+            assert not renegotiation["is_vulnerable_to_client_renegotiation_dos"], (name, renegotiation)
+            assert found["tls_fallback_scsv"]["supports_fallback_scsv"], name
+            assert found["tls_extended_master_secret"]["supports_ems_extension"], name
+            assert not found["heartbleed"]["is_vulnerable_to_heartbleed"], name
+            assert not found["openssl_ccs_injection"]["is_vulnerable_to_ccs_injection"], name
+            resumed = [r for r in proxy.process.logs()[logged:] if r.get("resumed") is True]
+            assert len(resumed) >= 10, (name, len(resumed))
+
+
 def _judge(name: str, verdict: dict[str, tuple[str, str]], transcript: str) -> None:
     """`verdict`: testssl's finding id -> (severity, finding)."""
     assert "scanProblem" not in verdict, transcript
@@ -1306,3 +1350,4 @@ def test_check_prints_the_effective_config(tmp_path, ecdsa_cert):
     assert result.returncode == 0, result.stderr
     assert 'security_level = "may"' in result.stdout
     assert 'bare_newline = "reject"' in result.stdout
+
