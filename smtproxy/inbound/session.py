@@ -107,6 +107,7 @@ class _Kind(enum.Enum):
     DATA_END = "data-end"  # final reply after the content
     BDAT = "bdat"
     INTERNAL = "internal"  # the proxy's own command (an RSET); reply swallowed
+    HELO_FOR_EHLO = "helo-for-ehlo"  # our HELO after the backend refused the client's EHLO
     AUTH = "auth"  # AUTH, or a SASL response line: a 334 asks for (another) response
     SASL_CANCEL = "sasl-cancel"  # "*" in place of a response too long; the client gets a 500
 
@@ -119,6 +120,7 @@ class _Pending:
     last_chunk: bool = False
     size: int = 0  # message bytes, on the entry whose reply ends a message
     started: float = 0.0  # when that message began
+    refusal: Reply | None = None  # HELO_FOR_EHLO: the backend's refusal of the EHLO
 
 
 class _Mode(enum.Enum):
@@ -471,6 +473,10 @@ class InboundSession:
             if reply.code == 421:  # the backend is closing (RFC 5321 3.8): so does the session
                 return [SendClient(reply.serialize()), *self._close()]
             return [SendClient(reply.serialize()), *self._process_commands()]
+        if kind is _Kind.EHLO and reply.code in (500, 502) and not self._pending:
+            return self._helo_instead(command, reply)
+        if kind is _Kind.HELO_FOR_EHLO:
+            reply = self._ehlo_from_helo(reply) if reply.code == 250 else entry.refusal or reply
         self.smtp.on_reply(command, reply)
         if kind is _Kind.EHLO and reply.code == 250:
             reply = self._rewrite_ehlo(reply)
@@ -504,6 +510,22 @@ class InboundSession:
             return [SendBackend(b"*\r\n")]  # RFC 4954: the client cancels the exchange
         self._pending.append(_Pending(_Kind.AUTH, None))
         return [SendBackend(line)]
+
+    def _helo_instead(self, ehlo: Command, refusal: Reply) -> list[Action]:
+        """A backend that knows no EHLO (some appliances) would leave the client without
+        STARTTLS, and under `encrypt` without a way to send at all: it gets HELO, and the
+        client an EHLO reply made from its answer (see `_ehlo_from_helo`)."""
+        self._pending.append(_Pending(_Kind.HELO_FOR_EHLO, ehlo, refusal=refusal))
+        return [SendBackend(b"HELO " + ehlo.arg.strip().encode("utf-8", "surrogateescape") + b"\r\n")]
+
+    def _ehlo_from_helo(self, helo: Reply) -> Reply:
+        """The backend's HELO reply as an EHLO reply with STARTTLS only (where offered):
+        no extension the backend itself lacks, since what the client uses goes on to it."""
+        ehlo = EhloReply.parse(Reply(250, helo.lines[:1]))
+        self._backend_chunking = False
+        if self._tls_offered and not self.tls_active:
+            ehlo.set("STARTTLS")
+        return ehlo.to_reply()
 
     def _rewrite_ehlo(self, reply: Reply) -> Reply:
         ehlo = EhloReply.parse(reply)

@@ -691,18 +691,29 @@ def test_a_backend_that_accepts_but_never_greets_gets_the_client_421_after_the_c
 # ----------------------------------------------------------------------- SASL AUTH
 
 
-class _SaslBackend:
-    """aiosmtpd as the legacy MTA: it offers SASL mechanisms whose responses are not
-    command lines (Postfix would need a Cyrus or Dovecot SASL server set up for this).
-    XOAUTH2 answers with an error challenge that the client must acknowledge with an
-    empty line (RFC 7628 3.2.3); BIGTOKEN takes one long token, as GSSAPI does. The
-    responses it received and the messages it accepted are recorded."""
+class _AiosmtpdBackend:
+    """aiosmtpd's handler as the legacy MTA, where Postfix cannot play the part asked of
+    it: the messages it accepted are recorded."""
+
+    def __init__(self) -> None:
+        self.messages: list[bytes] = []
+
+    async def handle_DATA(self, server, session, envelope):  # noqa: N802
+        self.messages.append(envelope.content)
+        return "250 2.0.0 Ok: queued"
+
+
+class _SaslBackend(_AiosmtpdBackend):
+    """It offers SASL mechanisms whose responses are not command lines (Postfix would need
+    a Cyrus or Dovecot SASL server set up for this). XOAUTH2 answers with an error
+    challenge that the client must acknowledge with an empty line (RFC 7628 3.2.3);
+    BIGTOKEN takes one long token, as GSSAPI does. The responses are recorded."""
 
     TOKEN_SIZE = 9000  # decoded bytes: 12,000 in base64, six times a command line
 
     def __init__(self) -> None:
+        super().__init__()
         self.responses: list[bytes] = []
-        self.messages: list[bytes] = []
 
     async def auth_XOAUTH2(self, server, args):
         self.responses.append(await server.challenge_auth(b'{"status":"401","schemes":"bearer"}'))
@@ -714,10 +725,6 @@ class _SaslBackend:
             return AuthResult(success=False, handled=True)
         self.responses.append(token)
         return AuthResult(success=token == b"t" * self.TOKEN_SIZE, handled=False)
-
-    async def handle_DATA(self, server, session, envelope):  # noqa: N802
-        self.messages.append(envelope.content)
-        return "250 2.0.0 Ok: queued"
 
 
 class _LongLinesSMTP(SMTP):
@@ -790,6 +797,43 @@ def test_a_sasl_response_over_the_limit_cancels_the_exchange(sasl_backend, start
         assert client.command("NOOP").code == 250
         assert client.command("QUIT").code == 221
     assert handler.responses == []  # the backend got the cancel, not a token
+
+
+
+class _HeloOnlySMTP(SMTP):
+    """An old appliance's SMTP: EHLO is an unknown command (RFC 821 only)."""
+
+    async def smtp_EHLO(self, hostname: str) -> None:  # noqa: N802 (aiosmtpd: smtp_<VERB>)
+        await self.push("502 5.5.2 Error: command not recognized")
+
+
+class _HeloOnlyController(Controller):
+    def factory(self) -> SMTP:
+        return _HeloOnlySMTP(self.handler, **self.SMTP_kwargs)
+
+
+def test_a_backend_that_knows_only_helo_still_gets_mail_over_starttls(start_proxy, pki):
+    """Its 502 to EHLO used to reach the client, which then sent HELO: no STARTTLS offered,
+    so under `encrypt` (here) no mail at all, under `may` only plaintext. The proxy sends
+    the backend HELO and gives the client an EHLO reply with STARTTLS."""
+    handler, port = _AiosmtpdBackend(), free_port()
+    controller = _HeloOnlyController(handler, hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        proxy = start_proxy(port, security_level="encrypt")
+        marker = token()
+        with RawSmtpClient(proxy.port) as client:
+            assert client.read_reply().code == 220
+            ehlo = client.ehlo()
+            assert ehlo.code == 250 and ehlo.lines[1:] == ["STARTTLS"], ehlo
+            client.starttls(pki.client_context(), server_hostname=HOSTNAME)
+            assert client.ehlo().code == 250
+            _send_marked(client, marker)
+            assert client.command("QUIT").code == 221
+    finally:
+        controller.stop()
+    [message] = handler.messages
+    assert marker.encode() in message and b"with ESMTPS" in message, message
 
 
 # ----------------------------------------------------------------------- half-close and stuck clients

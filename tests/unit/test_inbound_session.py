@@ -117,6 +117,23 @@ def test_after_tls_ehlo_shows_auth_and_no_starttls():
     assert b"STARTTLS" not in reply
 
 
+def test_a_backend_without_ehlo_gets_helo_and_the_client_still_gets_starttls():
+    session = greeted()
+    assert to_backend(session.client_data(b"EHLO client.example\r\n")) == b"EHLO client.example\r\n"
+    actions = session.backend_data(b"502 5.5.2 Error: command not recognized\r\n")
+    assert to_client(actions) == b"" and to_backend(actions) == b"HELO client.example\r\n"
+    reply = to_client(session.backend_data(b"250 backend.example\r\n"))
+    assert reply == b"250-backend.example\r\n250 STARTTLS\r\n"
+    assert to_client(session.client_data(b"STARTTLS\r\n")).startswith(b"220 ")
+
+
+def test_a_backend_refusing_helo_too_gives_the_client_its_ehlo_refusal():
+    session = greeted()
+    session.client_data(b"EHLO client.example\r\n")
+    session.backend_data(b"500 5.5.2 unknown\r\n")
+    assert to_client(session.backend_data(b"554 5.7.1 go away\r\n")) == b"500 5.5.2 unknown\r\n"
+
+
 def authenticating(**overrides) -> InboundSession:
     """After STARTTLS and EHLO again: AUTH is offered (auth_only_after_tls)."""
     session = ehloed(**overrides)
