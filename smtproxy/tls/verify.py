@@ -136,7 +136,11 @@ def evaluate_server(engine: TlsEngine, policy: Policy, *, mx_hostname: str, next
         matched, mismatch = False, _DANE_UNSUPPORTED
     if matched:
         trust = PeerTrust.VERIFIED
+    elif untrusted or policy.level in (Level.VERIFY, Level.SECURE):
+        # Postfix 3.x checks the name inside OpenSSL's chain verification
+        # (X509_V_ERR_HOSTNAME_MISMATCH): a name that does not match is an Untrusted peer
+        trust = PeerTrust.UNTRUSTED
     else:
-        trust = PeerTrust.UNTRUSTED if untrusted else PeerTrust.TRUSTED
+        trust = PeerTrust.TRUSTED
     failure = None if matched or not policy.level.authenticates else TlsHandshakeError(*mismatch)
     return ServerVerdict(trust, certificate, failure)
