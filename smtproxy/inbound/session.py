@@ -375,12 +375,11 @@ class InboundSession:
 
     @property
     def awaiting_message_end(self) -> bool:
-        """The reply due next from the backend is the final one for a message (after the
-        final dot or BDAT LAST): it may take a content scan's time."""
-        for entry in self._pending:
-            if entry.reply is None and entry.kind is not _Kind.LOCAL:
-                return entry.kind is _Kind.DATA_END or (entry.kind is _Kind.BDAT and entry.last_chunk)
-        return False
+        """A reply due from the backend is the final one for a message (after the final dot
+        or BDAT LAST): it may take a content scan's time, and so may the replies pipelined
+        before it, which a backend like Postfix sends together with it."""
+        return any(entry.reply is None and (entry.kind is _Kind.DATA_END or entry.kind is _Kind.BDAT and entry.last_chunk)
+                   for entry in self._pending)
 
     # ----------------------------------------------------------------- backend replies
 
@@ -495,7 +494,7 @@ class InboundSession:
             self.smtp.on_reply(entry.command, reply)
         self._blocked_on_auth = False
         self._sasl_response_due = reply.code == 334
-        if entry.kind is _Kind.SASL_CANCEL:
+        if entry.kind is _Kind.SASL_CANCEL and reply.code != 421:
             reply = Reply.of(500, "5.5.6", "Error: authentication exchange line is too long")
         actions: list[Action] = [SendClient(reply.serialize())]
         if reply.code == 421:

@@ -92,6 +92,10 @@ class _TryNext(Exception):
 class _RetryInPlaintext(Exception):
     """`may`: the TLS handshake failed; the same server may be retried without TLS."""
 
+    def __init__(self, text: str, server: tuple) -> None:
+        super().__init__(text)
+        self.server = server  # the TLS session key: server and handshake settings
+
 
 def _is_ip(text: str) -> bool:
     try:
@@ -149,7 +153,7 @@ class Connector:
             try:
                 return await self._attempt(domain, destination.nexthop, target, policy, certificate, use_tls=True)
             except _RetryInPlaintext as failed:
-                wait = self.fallback.handshake_failed((target.address, target.port))
+                wait = self.fallback.handshake_failed(failed.server)
                 if wait:
                     failures.append(_Failure(f"{failed}; not retried without TLS for another {math.ceil(wait)} s",
                                              policy=True))
@@ -248,8 +252,8 @@ class Connector:
                                   duration=time.monotonic() - started)
             if policy.level.tls_required:
                 raise _TryNext(_Failure(f"TLS handshake with {where} failed: {exc.reason}", policy=True)) from None
-            raise _RetryInPlaintext(f"TLS handshake with {where} failed: {exc.reason}") from None
-        self.fallback.handshake_completed((target.address, target.port))
+            raise _RetryInPlaintext(f"TLS handshake with {where} failed: {exc.reason}", session_key) from None
+        self.fallback.handshake_completed(session_key)
         if connection.discarded_after_starttls:
             log.warning("discarded plaintext received after the 220 reply to STARTTLS",
                         peer=where, bytes=connection.discarded_after_starttls)

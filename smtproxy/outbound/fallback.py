@@ -8,16 +8,18 @@ the path breaks handshakes gets no plaintext unless they keep it up for that lon
 smtproxy holds no queue and cannot see a message's age: it counts from the first failed
 handshake with the server instead.  Mail to that server is deferred until the delay has
 passed, then goes in plaintext at once.  A completed handshake with the server, or a day
-without a failed one, starts the count afresh.
+without a failed one, starts the count afresh.  Servers are told apart with the settings
+of the handshake (`Connector`'s TLS session key: address, port, SNI, policy, client
+certificate): a handshake that works under other settings says nothing about these.
+The count lives in the process: a reload or another worker starts it afresh, which only
+defers more.
 """
 
 from __future__ import annotations
 
 import collections
 import time
-from collections.abc import Callable
-
-Server = tuple[str, int]  # address, port
+from collections.abc import Callable, Hashable
 
 
 class PlaintextFallback:
@@ -27,9 +29,9 @@ class PlaintextFallback:
     def __init__(self, delay: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.delay = delay
         self._clock = clock
-        self._failing: collections.OrderedDict[Server, tuple[float, float]] = collections.OrderedDict()
+        self._failing: collections.OrderedDict[Hashable, tuple[float, float]] = collections.OrderedDict()
 
-    def handshake_failed(self, server: Server) -> float:
+    def handshake_failed(self, server: Hashable) -> float:
         """Record a failed handshake; the seconds until plaintext is allowed (0: now)."""
         now = self._clock()
         first, last = self._failing.pop(server, (now, now))
@@ -40,5 +42,5 @@ class PlaintextFallback:
             self._failing.popitem(last=False)
         return max(0.0, self.delay - (now - first))
 
-    def handshake_completed(self, server: Server) -> None:
+    def handshake_completed(self, server: Hashable) -> None:
         self._failing.pop(server, None)

@@ -173,22 +173,21 @@ class OutboundServer:
 
     async def _transparent_destination(self, domain: str, original: tuple[str, int] | None) -> Destination:
         """The original destination, named by the MX host that has its address if DNS knows
-        one; then the MX hosts after it. The MTA's connection to a dead MX never fails here
-        (the redirect accepts it), so the MTA cannot move on to the next MX as it would:
-        smtproxy does, in the domain's preference order, when the MTA was delivering to
-        the domain's MX hosts (not when it used a relay of its own)."""
+        one; then the domain's other MX hosts of the same or a higher preference, in order.
+        The MTA's connection to a dead MX never fails here (the redirect accepts it), so the
+        MTA cannot move on to the next MX as it would: smtproxy does, when the MTA was
+        delivering to the domain's MX hosts (not when it used a relay of its own)."""
         if original is None:
             raise DeliveryFailure(Reply.of(451, "4.3.5", "transparent mode: the original destination is unknown"))
         address, port = original
         targets = [Target(address, address, port, None)]
         try:
-            routed = await self.router.route(domain)
+            by_mx = await self.router.by_mx(domain)
         except RoutingError:
-            routed = None
-        if routed is not None:
-            for index, target in enumerate(routed.targets):
-                if target.address == address:
-                    targets = [Target(target.hostname, address, port, target.preference),
-                               *(t for t in routed.targets[index + 1:] if t.address != address)]
-                    break
+            by_mx = None
+        chosen = next((t for t in by_mx.targets if t.address == address), None) if by_mx else None
+        if by_mx is not None and chosen is not None:
+            rank = chosen.preference or 0
+            targets = [Target(chosen.hostname, address, port, chosen.preference),
+                       *(t for t in by_mx.targets if t.address != address and (t.preference or 0) >= rank)]
         return Destination(domain, tuple(targets), pinned=(address, port))

@@ -229,6 +229,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self.engine is not None and not self.engine.handshake_done:
             self.abort()
             return
+        self._parked = False  # the 221 is asked for
         try:
             if self.alive:
                 await self.command("QUIT", timeout)

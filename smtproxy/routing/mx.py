@@ -43,7 +43,11 @@ _PERMANENT_NAME_ERRORS = (dns.resolver.NXDOMAIN, dns.exception.SyntaxError, dns.
 
 def a_label(domain: str) -> str | None:
     """`domain` in its ASCII form (`bücher.example` -> `xn--bcher-kva.example`), lower-case,
-    as tables, DNS and TLSRPT reports name it; None if it is no valid DNS name."""
+    as tables, DNS and TLSRPT reports name it; None if it is no valid host name (empty
+    labels, or the blanks and backslashes that DNS master files would read as escapes)."""
+    labels = domain.split(".")
+    if not all(labels) or any(char.isspace() or char == "\\" for char in domain):
+        return None
     try:
         return dns.name.from_text(domain).to_text(omit_final_dot=True).lower()
     except dns.exception.DNSException:

@@ -50,9 +50,13 @@ class Router:
         domain = domain.lower()
         route = self._routes.lookup(domain) if self._routes is not None else None
         if route is None:
-            return Destination(domain, _targets(await self._by_domain(domain), self._default_port))
+            return await self.by_mx(domain)
         port = self._default_port if route.port is None else route.port
         return Destination(route.nexthop, _targets(await self._by_route(route), port))
+
+    async def by_mx(self, domain: str) -> Destination:
+        """The destination by the domain's own MX (or address) records, routes aside."""
+        return Destination(domain, _targets(await self._by_domain(domain), self._default_port))
 
     async def _by_domain(self, domain: str) -> tuple[Exchanger, ...]:
         if not domain.startswith("["):

@@ -5,10 +5,9 @@ verdicts are recorded in `engine.verification` and `verify.evaluate_server` deci
 level (an untrusted certificate is fine under `may`/`encrypt`, and logged Untrusted).
 Hostname checking stays off; the caller names the SNI per connection.
 
-Cipher grades are Postfix's (postconf -d, 3.7: tls_high_cipherlist ...
-tls_null_cipherlist); `exclude` and what the level rules out are appended as ``:!NAME``
-(`LEVEL_EXCLUSIONS`).  Like Postfix's lists, these govern TLS 1.2 and older only: TLS 1.3
-suites are OpenSSL's.
+The cipher list of a context is `policy.ciphers.cipher_list` (Postfix's grades and level
+exclusions); like Postfix's lists it governs TLS 1.2 and older only: TLS 1.3 suites are
+OpenSSL's.
 
 Resumed handshakes verify no chain, so `engine.verification` would be empty, which reads
 as trusted.  Each context therefore remembers the verdicts of its last full handshake
@@ -36,7 +35,7 @@ from pathlib import Path
 
 from smtproxy.config import ConfigError, OutboundTlsConfig, load_domaincerts
 from smtproxy.policy.ciphers import cipher_list
-from smtproxy.policy.levels import Level, Policy
+from smtproxy.policy.levels import Policy
 from smtproxy.policy.table import parent_chain
 from smtproxy.tls import openssl_ext
 from smtproxy.tls.certificates import chain_key_detail

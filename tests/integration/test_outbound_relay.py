@@ -967,7 +967,7 @@ def test_an_mta_that_keeps_sending_errors_is_disconnected_at_max_errors(smtp_sin
         assert mta.command("NOOP").code == 250
         assert mta.command("RCPT TO:<user@sink.test>").code == 503
         assert mta.command("NOOP " + "x" * 3000).code == 500
-        refused = mta.command("MAIL FROM:nobody")
+        refused = mta.command("MAIL FROM:<nobody")
         assert refused.code == 421 and refused.text.startswith("4.7.0 out.example.test Error: too many errors"), refused
         assert mta.expect_close() == b""
     ended = proxy.process.wait_for_log(lambda r: r["event"] == "disconnect from unknown[127.0.0.1]")

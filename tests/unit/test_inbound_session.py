@@ -181,6 +181,16 @@ def test_a_sasl_response_over_the_limit_cancels_the_exchange_at_the_backend():
     assert to_backend(session.client_data(b"NOOP\r\n")) == b"NOOP\r\n"
 
 
+def test_a_backend_closing_at_the_sasl_cancel_is_relayed_and_ends_the_session():
+    session = authenticating()
+    session.client_data(b"AUTH GSSAPI\r\n")
+    session.backend_data(b"334 \r\n")
+    session.client_data(b"A" * (SASL_RESPONSE_LIMIT + 10) + b"\r\n")
+    actions = session.backend_data(b"421 4.7.0 closing\r\n")
+    assert to_client(actions) == b"421 4.7.0 closing\r\n"
+    assert session.closed
+
+
 def test_encrypt_refuses_mail_before_tls():
     session = ehloed(security_level="encrypt")
     actions = session.client_data(b"MAIL FROM:<a@example.org>\r\n")

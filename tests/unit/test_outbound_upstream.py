@@ -39,3 +39,29 @@ async def test_a_handshake_cut_off_after_the_220_is_a_validation_failure(closes_
         await connection.start_tls(engine, timeout=5)
     assert (failed.value.failure_type, failed.value.reason) == ("validation-failure", "lost_connection")
     connection.abort()
+
+
+async def test_a_parked_connection_says_goodbye_politely():
+    """Closing an idle cached connection sends QUIT: its 221 is asked for, not an unasked
+    reply that would abort the connection."""
+    said: list[bytes] = []
+    served = asyncio.Event()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        said.append(await reader.readline())
+        writer.write(b"221 2.0.0 Bye\r\n")
+        said.append(await reader.read())  # b"": the client closed after the 221
+        writer.close()
+        served.set()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        connection = await UpstreamConnection.open("127.0.0.1", server.sockets[0].getsockname()[1], timeout=5)
+        assert connection.park()
+        await connection.quit(timeout=5)
+        assert connection.closed_reason == "closed"
+        await asyncio.wait_for(served.wait(), 5)
+        assert said == [b"QUIT\r\n", b""]
+    finally:
+        server.close()
+        await server.wait_closed()

@@ -80,6 +80,10 @@ def test_no_records():
     ("bücher.example", "xn--bcher-kva.example"),
     ("a..b", None),
     ("x" * 64 + ".example", None),
+    # what a DNS master file reads as escapes would name another domain than the one given
+    ("ex\\065.com", None),
+    ("exa mple.com", None),
+    (".", None),
 ])
 def test_a_label(domain, label):
     assert a_label(domain) == label
