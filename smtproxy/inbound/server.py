@@ -178,6 +178,7 @@ class ClientConnection(asyncio.Protocol):
         self.client_congested = False  # the client does not read its replies fast enough
         self.session: InboundSession | None = None
         self.engine: TlsEngine | None = None
+        self._server_tls: ServerTls | None = None  # the settings the handshake runs under
         self._handshake_started = 0.0
         self._started = time.monotonic()
         self._client_ip = ""
@@ -441,7 +442,7 @@ class ClientConnection(asyncio.Protocol):
     # ----------------------------------------------------------------- TLS
 
     def _start_tls(self) -> None:
-        server_tls = self.server.server_tls
+        server_tls = self._server_tls = self.server.server_tls  # a reload mid-handshake does not change it
         assert server_tls is not None
         self.engine = server_tls.new_engine()
         self._handshake_started = time.monotonic()
@@ -450,8 +451,10 @@ class ClientConnection(asyncio.Protocol):
         )
 
     def _handshake_done(self) -> None:
+        """Judged by the settings the handshake ran under: after a reload in between, the
+        old verification against the new client-certificate settings would be neither."""
         assert self.engine is not None and self.session is not None
-        server_tls = self.server.server_tls
+        server_tls = self._server_tls
         assert server_tls is not None
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()

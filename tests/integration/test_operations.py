@@ -6,10 +6,12 @@ the outbound listener; smtproxy runs as a real process and gets real signals.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 import signal
 import socket
+import ssl
 import time
 import uuid
 
@@ -294,6 +296,48 @@ def test_a_reload_that_drops_the_client_ca_ends_the_trust_of_resumed_sessions(le
                               input=b"EHLO client.test\r\nQUIT\r\n")
     assert "\nReused, " not in second.stdout and "421 4.7.1 " in second.stdout, second.stdout
     assert "\n250 " not in second.stdout, second.stdout
+
+
+def test_a_handshake_in_flight_at_a_reload_is_judged_by_the_settings_it_ran_under(legacy, started, pki, tmp_path):
+    """The client's certificate was asked for and checked under the old settings (this
+    certificate's fingerprint required); a reload to settings that list another fingerprint
+    lands before the client's last flight. Judging that handshake by the new settings would
+    mix two configurations (the old verification, the new list): it keeps the old ones."""
+    port, cert, client = free_port(), pki.server_cert(HOSTNAME), pki.client_cert("known.example.test")
+    settings = {"client_certificate": "require", "client_fingerprints": [client.fingerprint]}
+    proxy = started(inbound_config(legacy, port, cert, tls=settings))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    context.load_cert_chain(client.cert_file, client.key_file)
+    with RawSmtpClient(port) as smtp:
+        assert smtp.read_reply().code == 220 and smtp.ehlo().code == 250
+        assert smtp.command("STARTTLS").code == 220
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = context.wrap_bio(incoming, outgoing, server_hostname=HOSTNAME)
+        while True:  # until the server's flight is in: TLS 1.3's client side is then done
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                smtp.send(outgoing.read())
+                incoming.write(smtp.sock.recv(65536))
+        last_flight = outgoing.read()  # Certificate, CertificateVerify, Finished: held back
+        write_config(proxy.config_path.parent, inbound_config(
+            legacy, port, cert, tls={**settings, "client_fingerprints": [pki.client_cert("other.example.test").fingerprint]}))
+        after = len(proxy.logs())
+        proxy.send_signal(signal.SIGHUP)
+        proxy.wait_for_log("configuration reloaded", after=after)
+        tls.write(b"EHLO client.test\r\n")
+        smtp.send(last_flight + outgoing.read())
+        reply = b""
+        while b"\r\n250 " not in b"\r\n" + reply and not reply.startswith(b"421"):
+            incoming.write(smtp.sock.recv(65536))
+            with contextlib.suppress(ssl.SSLWantReadError):
+                reply += tls.read(65536)
+    assert reply.startswith(b"250-"), reply
+    established = proxy.wait_for_log(lambda r: "TLS connection established from" in r["event"], after=after)
+    assert established["event"].startswith("Trusted TLS connection established"), established
+    assert "server-signature ECDSA (P-256)" in established["event"], established
 
 
 # ----------------------------------------------------------------------- SIGHUP outbound
