@@ -71,6 +71,9 @@ _SIGNATURES = {
     "EVP_DecryptInit_ex": (ctypes.c_int, [_P, _P, _P, _P, _P]),
     "EVP_MAC_CTX_set_params": (ctypes.c_int, [_P, _P]),
     "RAND_bytes": (ctypes.c_int, [_P, ctypes.c_int]),
+    "SSL_load_client_CA_file": (_P, [ctypes.c_char_p]),
+    "SSL_CTX_set_client_CA_list": (None, [_P, _P]),
+    "ERR_clear_error": (None, []),
 }
 
 
@@ -309,6 +312,17 @@ def set_session_id_context(context: ssl.SSLContext, value: bytes) -> None:
     it was made under (at most 32 bytes; SSL_CTX_set_session_id_context)."""
     _check(_lib.SSL_CTX_set_session_id_context(_ctx_pointer(context), value, len(value)),
            "SSL_CTX_set_session_id_context failed")
+
+
+def name_client_cas(context: ssl.SSLContext, ca_file: str) -> None:
+    """Name the CAs of `ca_file` in the server's certificate request, as Postfix does with
+    smtpd_tls_CAfile: a client holding several certificates picks one of theirs (Python's
+    `load_verify_locations` only trusts them).  A file without a certificate names none."""
+    names = _lib.SSL_load_client_CA_file(ca_file.encode())
+    if not names:
+        _lib.ERR_clear_error()  # not to be read later as the error of another call
+        return
+    _lib.SSL_CTX_set_client_CA_list(_ctx_pointer(context), names)  # the context owns the list
 
 
 def set_verify_depth(context: ssl.SSLContext, depth: int) -> None:

@@ -97,6 +97,7 @@ class ServerTls:
             context.verify_mode = ssl.CERT_REQUIRED if cfg.client_certificate == "require" else ssl.CERT_OPTIONAL
             if cfg.client_ca_file is not None:
                 context.load_verify_locations(cafile=str(cfg.client_ca_file))
+                openssl_ext.name_client_cas(context, str(cfg.client_ca_file))
             openssl_ext.accept_and_record_verification(context)
         trace_handshakes(context)
         return context

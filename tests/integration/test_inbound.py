@@ -675,6 +675,16 @@ def test_asked_client_certificate_is_optional_and_named_in_the_trace_header(post
         assert signed == (cert is not None), line
 
 
+def test_the_certificate_request_names_the_client_cas(postfix, start_proxy, pki):
+    """As Postfix with smtpd_tls_CAfile: a client holding several certificates picks one
+    issued by a CA the server names (openssl s_client lists them)."""
+    proxy = start_proxy(postfix.port, tls={"client_certificate": "ask", "client_ca_file": str(pki.ca_file)})
+    result = openssl_s_client(proxy.port, args=["-tls1_3"], input=b"QUIT\r\n")
+    assert "Acceptable client certificate CA names" in result.stdout, result.stdout
+    named = result.stdout.split("Acceptable client certificate CA names", 1)[1].split("\n---", 1)[0]
+    assert "O = smtproxy tests" in named, named
+
+
 def test_a_backend_that_accepts_but_never_greets_gets_the_client_421_after_the_connect_timeout(start_proxy):
     """Connecting and greeting together get backend_connect_timeout (not backend_timeout,
     300 s): the client hears 421 4.3.0 as for a backend that is down."""
