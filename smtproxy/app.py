@@ -28,7 +28,7 @@ from smtproxy.telemetry import logging as log_setup
 from smtproxy.telemetry import tlsrpt
 from smtproxy.telemetry.http import MetricsServer, Readiness
 from smtproxy.telemetry.metrics import Metrics, watch_backend
-from smtproxy.tls.certificates import ensure_certificate
+from smtproxy.tls.certificates import ensure_certificate, validity_warnings
 from smtproxy.tls.openssl_ext import TicketKeys
 from smtproxy.tls.server_context import ServerTls
 from smtproxy.tls.ticket_rotation import TicketKeyRotation, new_ticket_key
@@ -68,6 +68,8 @@ def build_server_tls(config: Config, ticket_keys: TicketKeys | None = None) -> S
     problem = certificate_problem(config)
     if problem is not None:
         raise StartupError(problem)
+    for warning in validity_warnings(inbound.certificates):
+        log.warning(warning)
     try:
         return ServerTls(inbound.tls, inbound.certificates, ticket_keys)
     except (OSError, ValueError) as exc:

@@ -70,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
         if problem is not None:
             print(f"smtproxy: {problem}", file=sys.stderr)
             return 2
+        from smtproxy.tls.certificates import validity_warnings
+
+        for warning in validity_warnings(config.inbound.certificates):
+            print(f"smtproxy: warning: {warning}", file=sys.stderr)
         print(render_config(config), end="")
         return 0
     from smtproxy import app  # imported late: `check` must not need uvloop or the TLS layer

@@ -6,6 +6,7 @@ import datetime
 import functools
 import hashlib
 import os
+import re
 from pathlib import Path
 
 from cryptography import x509
@@ -86,20 +87,52 @@ def peer_certificate(der: bytes) -> PeerCertificate:
     )
 
 
+EXPIRY_WARNING = datetime.timedelta(days=14)
+
+
+def validity_warnings(chains) -> list[str]:
+    """One line per inbound chain whose certificate senders that check it would refuse
+    (expired, not valid yet) or soon will (within `EXPIRY_WARNING`). Postfix says nothing
+    of it; the operator should hear it before the first sender that verifies does."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    warnings = []
+    for index, chain in enumerate(chains):
+        if not Path(chain.cert_file).exists():
+            continue  # to be generated on start (self_signed_if_missing)
+        try:
+            cert = x509.load_pem_x509_certificate(Path(chain.cert_file).read_bytes())
+        except ValueError:
+            continue  # OpenSSL loads it (certificate_problem); cryptography is stricter
+        after, before = cert.not_valid_after_utc, cert.not_valid_before_utc
+        if after < now:
+            problem = f"expired on {after:%Y-%m-%d %H:%M} UTC"
+        elif before > now:
+            problem = f"not valid before {before:%Y-%m-%d %H:%M} UTC"
+        elif after - now < EXPIRY_WARNING:
+            problem = f"expires on {after:%Y-%m-%d %H:%M} UTC, in {(after - now).days} days"
+        else:
+            continue
+        warnings.append(f"inbound.certificates[{index}].cert_file = \"{chain.cert_file}\": the certificate {problem}")
+    return warnings
+
+
 def chain_key_detail(cert_file: Path) -> tuple[str, str | None]:
     cert = x509.load_pem_x509_certificate(Path(cert_file).read_bytes())
     return key_detail(cert.public_key())
 
 
 def ensure_certificate(cert_cfg, hostname: str) -> bool:
-    """Generate a self-signed certificate when allowed and both files are missing."""
+    """Generate a self-signed certificate when allowed and both files are missing: for
+    `hostname` and the chain's `server_names`; an RSA key when the certificate file's name
+    has the word "rsa" in it (`rsa.pem`, `mx-rsa.pem`), else ECDSA P-256."""
     cert_file, key_file = Path(cert_cfg.cert_file), Path(cert_cfg.key_file)
     if not cert_cfg.self_signed_if_missing or cert_file.exists() or key_file.exists():
         return False
-    if "rsa" in cert_file.name.lower():
+    if "rsa" in re.split(r"[^a-z0-9]+", cert_file.name.lower()):
         key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     else:
         key = ec.generate_private_key(ec.SECP256R1())
+    names = list(dict.fromkeys([hostname, *cert_cfg.server_names]))
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
     now = datetime.datetime.now(datetime.timezone.utc)
     cert = (
@@ -110,12 +143,12 @@ def ensure_certificate(cert_cfg, hostname: str) -> bool:
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=365))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(hostname)]), critical=False)
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .sign(key, hashes.SHA256())
     )
+    key_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # a new directory: for the key's owner only
     cert_file.parent.mkdir(parents=True, exist_ok=True)
-    key_file.parent.mkdir(parents=True, exist_ok=True)
     key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                 serialization.NoEncryption())
     cert_pem = cert.public_bytes(serialization.Encoding.PEM)

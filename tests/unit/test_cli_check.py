@@ -90,3 +90,21 @@ def test_a_config_error_names_the_file_once(tmp_path, capsys, text, problem):
     assert main(["check", "--config", str(path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"smtproxy: {path}: {problem}") and err.count(str(path)) == 1, err
+
+
+def test_check_warns_of_an_expired_certificate_and_still_passes(tmp_path, capsys):
+    """Senders that check certificates will refuse it: the operator hears it from check
+    (and from start and reload, in the log), the configuration itself is valid."""
+    import datetime
+
+    import trustme
+
+    long_ago = datetime.datetime(2021, 1, 1, tzinfo=datetime.timezone.utc)
+    cert = trustme.CA().issue_cert("mx.example.test", not_before=long_ago - datetime.timedelta(days=90),
+                                   not_after=long_ago)
+    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "tls.crt"))
+    cert.private_key_pem.write_to_path(str(tmp_path / "tls.key"))
+    assert main(["check", "--config", _certificate_config(tmp_path, "tls.crt", "tls.key")]) == 0
+    err = capsys.readouterr().err
+    assert err == (f'smtproxy: warning: inbound.certificates[0].cert_file = "{tmp_path}/tls.crt": '
+                   "the certificate expired on 2021-01-01 00:00 UTC\n"), err
