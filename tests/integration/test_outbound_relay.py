@@ -177,6 +177,14 @@ class Conversation:
         self.expect(b"RCPT TO:")
         self.send(b"250 2.1.5 Ok\r\n")
 
+    def receive_message(self, host: bytes) -> bytes:
+        """A whole transaction up to the final dot (PIPELINING offered): its message; the
+        caller gives the final reply."""
+        self.accept_envelope(host, pipelining=True)
+        self.expect(b"DATA")
+        self.send(b"354 go ahead\r\n")
+        return self.data()
+
     def goodbye(self) -> None:
         """After a transaction: answer the proxy's RSET (it parks the connection for reuse)
         or QUIT, then end the script (the proxy finds the cached connection closed)."""
@@ -981,10 +989,7 @@ def test_a_remote_that_floods_a_cached_connection_is_cut_off(start_outbound, scr
     flood, limit = b"x" * 65536, 64 * 1024 * 1024
 
     def script(c: Conversation) -> None:
-        c.accept_envelope(b"mx.flood.test", pipelining=True)
-        c.expect(b"DATA")
-        c.send(b"354 go ahead\r\n")
-        c.data()
+        c.receive_message(b"mx.flood.test")
         c.send(b"250 2.0.0 queued\r\n")
         c.goodbye()  # the RSET: the connection is parked for reuse
         sent = 0
@@ -1024,10 +1029,7 @@ def test_a_cached_connection_that_sent_an_unasked_reply_is_not_reused(start_outb
     instead, and the next message goes on a new connection."""
 
     def chatty(c: Conversation) -> None:
-        c.accept_envelope(b"mx.chatty.test", pipelining=True)
-        c.expect(b"DATA")
-        c.send(b"354 go ahead\r\n")
-        c.data()
+        c.receive_message(b"mx.chatty.test")
         c.send(b"250 2.0.0 queued as ONE\r\n")
         c.expect(b"RSET")
         c.send(b"250 2.0.0 Ok\r\n250 2.0.0 Ok\r\n")
@@ -1037,10 +1039,7 @@ def test_a_cached_connection_that_sent_an_unasked_reply_is_not_reused(start_outb
             c.notes["after the unasked reply"] = "closed"
 
     def fresh(c: Conversation) -> None:
-        c.accept_envelope(b"mx.chatty.test", pipelining=True)
-        c.expect(b"DATA")
-        c.send(b"354 go ahead\r\n")
-        c.notes["second message"] = c.data()
+        c.notes["second message"] = c.receive_message(b"mx.chatty.test")
         c.send(b"250 2.0.0 queued as TWO\r\n")
         c.goodbye()
 
