@@ -121,6 +121,7 @@ class _Pending:
     size: int = 0  # message bytes, on the entry whose reply ends a message
     started: float = 0.0  # when that message began
     refusal: Reply | None = None  # HELO_FOR_EHLO: the backend's refusal of the EHLO
+    closes: bool = False  # LOCAL: the session ends once this reply is out
 
 
 class _Mode(enum.Enum):
@@ -210,6 +211,7 @@ class InboundSession:
         self._input_ended = False  # the client half-closed: see client_input_ended
         self._blocked_on_data_reply = False
         self._blocked_on_auth = False  # AUTH or a SASL response awaits the backend's reply
+        self._closing = False  # a reply that ends the session is queued: read nothing more
         self._sasl_response_due = False  # the backend said 334: the next line is a response
         self._backend_chunking = False
         self._scanner: DataScanner | None = None
@@ -274,7 +276,8 @@ class InboundSession:
         if self._mode is _Mode.DATA:
             return self._feed_data(data)
         if self._mode is _Mode.BDAT:
-            return self._feed_chunk(data)
+            actions = self._feed_chunk(data)
+            return actions + self._process_commands() if self._mode is _Mode.COMMANDS else actions
         self._reader.feed(data)
         return self._process_commands()
 
@@ -352,7 +355,7 @@ class InboundSession:
     @property
     def input_blocked(self) -> bool:
         """True while client bytes must wait (DATA's reply, STARTTLS's turn, greeting, a
-        full pipeline)."""
+        full pipeline), or will never be read (the session is ending)."""
         if self._mode is _Mode.HANDSHAKE:
             return False
         return (
@@ -360,6 +363,7 @@ class InboundSession:
             or self._blocked_on_auth
             or self._blocked_on_starttls
             or not self._greeted_client
+            or self._closing
             or self._mode is _Mode.CLOSED
             or len(self._pending) >= MAX_PIPELINED
         )
@@ -457,7 +461,7 @@ class InboundSession:
         assert reply is not None
         kind, command = entry.kind, entry.command
         if kind is _Kind.LOCAL:
-            return self._send_local(reply)
+            return self._send_local(reply) + (self._close() if entry.closes else [])
         if kind is _Kind.AUTH or kind is _Kind.SASL_CANCEL:
             return self._auth_reply(entry, reply)
         assert command is not None
@@ -474,7 +478,7 @@ class InboundSession:
             return [SendClient(reply.serialize()), *self._process_commands()]
         if kind is _Kind.EHLO and reply.code in (500, 502) and not self._pending:
             return self._helo_instead(command, reply)
-        if kind is _Kind.HELO_FOR_EHLO:
+        if kind is _Kind.HELO_FOR_EHLO and reply.code != 421:
             reply = self._ehlo_from_helo(reply) if reply.code == 250 else entry.refusal or reply
         self.smtp.on_reply(command, reply)
         if kind is _Kind.EHLO and reply.code == 250:
@@ -492,6 +496,10 @@ class InboundSession:
         never read as a command (an empty line is a valid response)."""
         if entry.command is not None:
             self.smtp.on_reply(entry.command, reply)
+        if entry.kind is _Kind.SASL_CANCEL and reply.code == 334:
+            # RFC 4954 wants 501 to "*": a backend that asks on is out of step with the
+            # client, which hears that the exchange is over
+            return self._fail(self._backend_lost_reply(), close_backend=True)
         self._blocked_on_auth = False
         self._sasl_response_due = reply.code == 334
         if entry.kind is _Kind.SASL_CANCEL and reply.code != 421:
@@ -614,7 +622,7 @@ class InboundSession:
             size, last = parse_bdat(command.arg)
         except PeerProtocolError as exc:
             # Without a size the chunk cannot be framed: nothing sane can follow.
-            return self._fail(exc.reply, close_backend=True)
+            return self._goodbye(exc.reply)
         # Judged before check(), which moves the expected state to BDAT for a non-LAST chunk.
         first_chunk = not self._bdat_total and self.smtp.expected_state is not SmtpState.BDAT
         # The proxy's own refusals come first: once check() accepts, the command is pending.
@@ -633,6 +641,8 @@ class InboundSession:
             if last:
                 self._bdat_refusal = None
             actions += self._answer_locally(refusal)
+            if self._closing:  # that was the error too many: its chunk is never read
+                return actions
             self._start_chunk(size, forward=False)
             return actions + self._feed_chunk(self._reader.take_buffer())
         header = b""
@@ -674,29 +684,34 @@ class InboundSession:
         actions: list[Action] = []
         if payload and self._chunk_forwarded:
             actions.append(SendBackend(payload))
-        if done:
+        if done:  # the caller reads on: the command loop, or client_data
             self._chunk = None
             self._mode = _Mode.COMMANDS
             self._reader.feed(rest)
             actions += self._flush()
-            actions += self._process_commands()
         return actions
 
     def _answer_locally(self, reply: Reply) -> list[Action]:
         self.errors += 1
         if reply.code == 221:
-            self._pending.append(_Pending(_Kind.LOCAL, None, reply))
-            return self._flush() + self._close_after_pending()
+            return self._goodbye(reply)
         if self.errors >= self.settings.max_errors:
-            return self._fail(too_many_errors(self.settings.hostname))
+            return self._goodbye(too_many_errors(self.settings.hostname))
         self._pending.append(_Pending(_Kind.LOCAL, None, reply))
+        return self._flush()
+
+    def _goodbye(self, reply: Reply) -> list[Action]:
+        """A reply that ends the session (221 to HTTP on the SMTP port, 421 at max_errors,
+        a BDAT that cannot be framed) goes out after the replies still due, in command
+        order: the verdict on a message the backend already holds must reach the client,
+        or it sends the message again. Nothing more is read meanwhile."""
+        self._closing = True
+        self._pending.append(_Pending(_Kind.LOCAL, None, reply, closes=True))
         return self._flush()
 
     def _send_local(self, reply: Reply) -> list[Action]:
         return [SendClient(reply.serialize())]
 
-    def _close_after_pending(self) -> list[Action]:
-        return self._close() if self._mode is not _Mode.CLOSED else []
 
     # ----------------------------------------------------------------- STARTTLS
 

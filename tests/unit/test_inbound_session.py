@@ -553,3 +553,67 @@ def test_bdat_chunk_is_streamed_before_it_is_complete():
     assert not session.awaiting_backend
     assert to_backend(session.client_data(b"y" * 60000)) == b"y" * 60000
     assert session.awaiting_backend
+
+
+# ----------------------------------------------------------------- replies that end the session
+# (found by a hypothesis fuzzer of this session: each ending must come after the replies due)
+
+MESSAGE = b"MAIL FROM:<a@x.example>\r\nRCPT TO:<b@y.example>\r\nDATA\r\n"
+
+
+def in_data(**overrides) -> InboundSession:
+    session = ehloed(**overrides)
+    session.client_data(MESSAGE)
+    session.backend_data(b"250 ok\r\n250 ok\r\n354 go\r\n")
+    return session
+
+
+@pytest.mark.parametrize(("after_the_dot", "ending"), [
+    (b"GET / HTTP/1.0\r\n", b"221 2.7.0 Error: I can break rules, too. Goodbye.\r\n"),
+    (b"\r\n\r\n\r\n", b"500 5.5.2 Error: bad syntax\r\n" * 2 + b"421 4.7.0 mx.example.com Error: too many errors\r\n"),
+    (b"BDAT x\r\n", b"501 5.5.4 Syntax: BDAT count [LAST]\r\n"),
+])
+def test_the_verdict_on_a_message_comes_before_the_reply_that_ends_the_session(after_the_dot, ending):
+    """The backend already holds the message: cut off without its verdict, the client
+    would send it again (delivered twice)."""
+    session = in_data(max_errors=3)
+    actions = session.client_data(b"hello\r\n.\r\n" + after_the_dot)
+    assert to_backend(actions) == b"hello\r\n.\r\n" and to_client(actions) == b""
+    assert not session.closed and session.input_blocked  # nothing more is read
+    actions = session.backend_data(b"250 2.0.0 queued\r\n")
+    assert to_client(actions) == b"250 2.0.0 queued\r\n" + ending
+    assert any(isinstance(a, CloseClient) for a in actions) and session.closed
+
+
+def test_a_chunk_refused_at_the_error_limit_leaves_the_session_closed():
+    session = ehloed(max_errors=1)
+    actions = session.client_data(b"BDAT 3 LAST\r\nabc")
+    assert to_client(actions).startswith(b"421 4.7.0 ") and session.closed
+    assert session.client_data(b"EHLO c\r\n") == []
+
+
+def test_many_refused_chunks_in_one_read_are_handled_without_recursion():
+    session = greeted(max_errors=1000)
+    session.client_data(b"EHLO c\r\n")
+    session.backend_data(b"250-backend\r\n250 PIPELINING\r\n")  # no CHUNKING: each BDAT gets 502
+    replies = to_client(session.client_data(b"BDAT 0\r\n" * 300))
+    assert replies.count(b"502 5.5.1 ") == 300
+
+
+def test_a_421_to_the_helo_instead_of_ehlo_is_relayed_and_ends_the_session():
+    session = greeted()
+    session.client_data(b"EHLO client.example\r\n")
+    session.backend_data(b"500 5.5.2 unknown\r\n")
+    actions = session.backend_data(b"421 4.3.2 shutting down\r\n")
+    assert to_client(actions) == b"421 4.3.2 shutting down\r\n" and session.closed
+
+
+def test_a_backend_that_asks_on_after_the_sasl_cancel_ends_the_session():
+    """RFC 4954 wants 501 to "*": a 334 means the backend would take the client's next
+    command for a SASL response, while the client was told the exchange is over."""
+    session = authenticating()
+    session.client_data(b"AUTH GSSAPI\r\n")
+    session.backend_data(b"334 \r\n")
+    session.client_data(b"A" * (SASL_RESPONSE_LIMIT + 10) + b"\r\n")
+    actions = session.backend_data(b"334 go on\r\n")
+    assert to_client(actions).startswith(b"421 4.4.2 ") and session.closed
