@@ -189,6 +189,7 @@ class ClientConnection(asyncio.Protocol):
         self._last_activity = 0.0
         self._backend_timer: asyncio.TimerHandle | None = None
         self._backend_deadline = 0.0  # 0: not waiting for the backend
+        self._deadline_for_message_end = False  # the deadline is backend_data_done_timeout's
         self._handshake_timer: asyncio.TimerHandle | None = None
         self._linger_timer: asyncio.TimerHandle | None = None
         self._backend_task: asyncio.Task[None] | None = None
@@ -472,6 +473,7 @@ class ClientConnection(asyncio.Protocol):
         )
         self.server.bus.publish(facts)
         clause = received_clause(facts, client_cert_requested=server_tls.client_certificate_requested)
+        self._server_tls = None  # not to keep a replaced ServerTls (its contexts, its cache) alive
         if refusal is not None:
             self.log.warning("client certificate refused", reason=refusal)
         self._execute(self.session.tls_established((clause,), refusal))
@@ -532,23 +534,28 @@ class ClientConnection(asyncio.Protocol):
             return
         if not self.session.awaiting_backend or self.session.closed:
             self._backend_deadline = 0.0
-        elif not self._backend_deadline:
-            config = self.server.config
-            # until the client is greeted backend_connect_timeout (the connect and the greeting
-            # together, then each identification reply), then backend_timeout for every reply
-            # but a message's final one
-            if not self.session.backend_greeted:
-                limit = config.backend_connect_timeout
-            elif self.session.awaiting_message_end:
-                limit = config.backend_data_done_timeout
-            else:
-                limit = config.backend_timeout
-            self._backend_deadline = time.monotonic() + limit
-            timer = self._backend_timer
-            if timer is None or timer.when() > self._backend_deadline:
-                if timer is not None:
-                    timer.cancel()
-                self._backend_timer = self.server.loop.call_at(self._backend_deadline, self._backend_timed_out)
+            return
+        # until the client is greeted backend_connect_timeout (the connect and the greeting
+        # together, then each identification reply), then backend_timeout for every reply
+        # but a message's final one, and those due with it; a message end that arrives
+        # while the wait is on (BDAT LAST in a later read) lengthens it
+        message_end = self.session.backend_greeted and self.session.awaiting_message_end
+        if self._backend_deadline and (self._deadline_for_message_end or not message_end):
+            return
+        config = self.server.config
+        if not self.session.backend_greeted:
+            limit = config.backend_connect_timeout
+        elif message_end:
+            limit = config.backend_data_done_timeout
+        else:
+            limit = config.backend_timeout
+        self._deadline_for_message_end = message_end
+        self._backend_deadline = time.monotonic() + limit
+        timer = self._backend_timer
+        if timer is None or timer.when() > self._backend_deadline:
+            if timer is not None:
+                timer.cancel()
+            self._backend_timer = self.server.loop.call_at(self._backend_deadline, self._backend_timed_out)
 
     def _backend_timed_out(self) -> None:
         self._backend_timer = None

@@ -109,7 +109,8 @@ def validity_warnings(chains) -> list[str]:
         elif before > now:
             problem = f"not valid before {before:%Y-%m-%d %H:%M} UTC"
         elif after - now < EXPIRY_WARNING:
-            problem = f"expires on {after:%Y-%m-%d %H:%M} UTC, in {(after - now).days} days"
+            left = (after - now).days
+            problem = f"expires on {after:%Y-%m-%d %H:%M} UTC, in {f'{left} days' if left else 'less than a day'}"
         else:
             continue
         warnings.append(f"inbound.certificates[{index}].cert_file = \"{chain.cert_file}\": the certificate {problem}")

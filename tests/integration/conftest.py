@@ -25,8 +25,10 @@ import pytest
 from tests.integration.dns_server import unbound_factory  # noqa: F401  (a fixture for every test here)
 from tests.integration.outbound_peers import OutboundProxy, start_outbound_proxy
 from tests.integration.peers import (
+    Conversation,
     Pki,
     PostfixInstance,
+    ScriptedRemote,
     SmtproxyProcess,
     SmtpSink,
     write_config,
@@ -180,3 +182,18 @@ def start_outbound(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[C
     yield start
     for proxy in started:
         proxy.process.stop()
+
+
+@pytest.fixture
+def scripted_remote() -> Iterator[Callable[..., ScriptedRemote]]:
+    remotes: list[ScriptedRemote] = []
+
+    def make(*scripts: Callable[[Conversation], None], **options) -> ScriptedRemote:
+        remote = ScriptedRemote(*scripts, **options)
+        remotes.append(remote)
+        return remote
+
+    yield make
+    for remote in remotes:  # never leave a thread behind; each is bounded by its timeout
+        remote.finished.wait(remote.timeout * 2 + 5)
+        print(f"--- scripted remote {remote.port}: error {remote.error!r}, notes {remote.notes!r}")

@@ -14,6 +14,7 @@ import select
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -28,6 +29,7 @@ from aiosmtpd.smtp import MISSING, SMTP, AuthResult
 from smtproxy.tls.engine import TlsEngine
 from tests.integration.peers import (
     CertFiles,
+    Conversation,
     Pki,
     PostfixInstance,
     RawSmtpClient,
@@ -675,11 +677,12 @@ def test_asked_client_certificate_is_optional_and_named_in_the_trace_header(post
         assert signed == (cert is not None), line
 
 
-def test_the_certificate_request_names_the_client_cas(postfix, start_proxy, pki):
+@pytest.mark.parametrize("version", ["-tls1_2", "-tls1_3"])
+def test_the_certificate_request_names_the_client_cas(postfix, start_proxy, pki, version):
     """As Postfix with smtpd_tls_CAfile: a client holding several certificates picks one
     issued by a CA the server names (openssl s_client lists them)."""
     proxy = start_proxy(postfix.port, tls={"client_certificate": "ask", "client_ca_file": str(pki.ca_file)})
-    result = openssl_s_client(proxy.port, args=["-tls1_3"], input=b"QUIT\r\n")
+    result = openssl_s_client(proxy.port, args=[version], input=b"QUIT\r\n")
     assert "Acceptable client certificate CA names" in result.stdout, result.stdout
     named = result.stdout.split("Acceptable client certificate CA names", 1)[1].split("\n---", 1)[0]
     assert "O = smtproxy tests" in named, named
@@ -1125,6 +1128,43 @@ def test_the_final_reply_may_take_the_data_done_timeout(postfix_factory, start_p
         client.command("QUIT")
     delivered_with(slow, marker)
     assert not [r for r in proxy.process.logs() if r["event"] == "backend timeout"]
+
+
+def test_bdat_last_in_a_later_read_still_gets_the_data_done_timeout(scripted_remote, start_proxy):
+    """MAIL and RCPT reach the proxy in one read, BDAT LAST and its chunk in the next, before
+    the backend answered anything: the wait begun for MAIL with backend_timeout must grow
+    to backend_data_done_timeout once the message end is due with it. The backend holds
+    its pipelined replies until the chunk is in, then scans for 2 s (past backend_timeout)."""
+    forwarded = threading.Event()
+
+    def backend(c: Conversation) -> None:
+        c.send(b"220 backend.example ESMTP\r\n")
+        c.expect(b"EHLO")
+        c.send(b"250-backend.example\r\n250-PIPELINING\r\n250 CHUNKING\r\n")
+        c.expect(b"MAIL FROM:")
+        c.expect(b"RCPT TO:")
+        forwarded.set()
+        size = int(c.expect(b"BDAT ").split()[1])
+        while len(c.buffer) < size:
+            c.fill()
+        c.notes["message"], c.buffer = c.buffer[:size], c.buffer[size:]
+        time.sleep(2)  # the backend's content scan, not a wait of the test's
+        c.send(b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.0.0 queued\r\n")
+        c.goodbye()
+
+    remote = scripted_remote(backend)
+    proxy = start_proxy(remote.port, backend_timeout=1, backend_data_done_timeout=20)
+    marker = token()
+    body = f"Subject: {marker}\r\n\r\nok\r\n".encode()
+    with RawSmtpClient(proxy.port) as client:
+        assert client.read_reply().code == 220 and client.ehlo().code == 250
+        client.send(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<user@example.test>\r\n")
+        assert forwarded.wait(10), "the proxy did not pass MAIL and RCPT on"
+        client.send(f"BDAT {len(body)} LAST\r\n".encode() + body)
+        assert [client.read_reply().code for _ in range(3)] == [250, 250, 250]
+        assert client.command("QUIT").code == 221
+    remote.join()
+    assert marker.encode() in remote.notes["message"]
 
 
 def test_backend_timeout_holds_even_when_shorter_than_the_connect_timeout(postfix_factory, start_proxy):

@@ -26,6 +26,7 @@ import pytest
 
 from tests.integration.peers import (
     LOOPBACK,
+    Conversation,
     RawSmtpClient,
     Reply,
     SmtpSink,
@@ -126,137 +127,6 @@ def sink_at(tmp_path) -> Iterator[Callable[..., SinkAt]]:
     for sink in sinks:
         sink.stop()
         print(f"--- smtp-sink {sink.host}:{sink.port} ---\n{sink.output_text()}")
-
-
-# --------------------------------------------------------------------------- scripted remote
-
-
-class Conversation:
-    """One accepted connection of a :class:`ScriptedRemote`: lines and data in, bytes out.
-    Every read is bounded by the socket timeout."""
-
-    def __init__(self, sock: socket.socket, notes: dict[str, object]) -> None:
-        self.sock = sock
-        self.buffer = b""
-        self.notes = notes  # what the script records, for the test to assert on
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def fill(self) -> None:
-        chunk = self.sock.recv(65536)
-        if not chunk:
-            raise EOFError(f"the client closed the connection; unread: {self.buffer!r}")
-        self.buffer += chunk
-
-    def line(self) -> bytes:
-        while b"\r\n" not in self.buffer:
-            self.fill()
-        line, self.buffer = self.buffer.split(b"\r\n", 1)
-        return line
-
-    def expect(self, prefix: bytes) -> bytes:
-        line = self.line()
-        assert line.upper().startswith(prefix), f"expected {prefix!r}, got {line!r}"
-        return line
-
-    def data(self) -> bytes:
-        """The message up to CRLF.CRLF (its last CRLF included, the dot not)."""
-        while b"\r\n.\r\n" not in self.buffer:
-            self.fill()
-        body, self.buffer = self.buffer.split(b"\r\n.\r\n", 1)
-        return body + b"\r\n"
-
-    def accept_envelope(self, host: bytes, *, pipelining: bool = False) -> None:
-        """Greet as `host`, answer EHLO (PIPELINING offered or not), accept MAIL and one RCPT."""
-        self.send(b"220 " + host + b" ESMTP\r\n")
-        self.expect(b"EHLO ")
-        self.send(b"250-" + host + b"\r\n250 PIPELINING\r\n" if pipelining else b"250 " + host + b"\r\n")
-        self.expect(b"MAIL FROM:")
-        self.send(b"250 2.1.0 Ok\r\n")
-        self.expect(b"RCPT TO:")
-        self.send(b"250 2.1.5 Ok\r\n")
-
-    def receive_message(self, host: bytes) -> bytes:
-        """A whole transaction up to the final dot (PIPELINING offered): its message; the
-        caller gives the final reply."""
-        self.accept_envelope(host, pipelining=True)
-        self.expect(b"DATA")
-        self.send(b"354 go ahead\r\n")
-        return self.data()
-
-    def goodbye(self) -> None:
-        """After a transaction: answer the proxy's RSET (it parks the connection for reuse)
-        or QUIT, then end the script (the proxy finds the cached connection closed)."""
-        line = self.line().upper()
-        assert line in (b"RSET", b"QUIT"), line
-        self.send(b"250 2.0.0 Ok\r\n" if line == b"RSET" else b"221 2.0.0 Bye\r\n")
-
-    def starttls(self, context: ssl.SSLContext) -> None:
-        assert not self.buffer, f"client sent plaintext after STARTTLS: {self.buffer!r}"
-        self.sock = context.wrap_socket(self.sock, server_side=True)
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-class ScriptedRemote:
-    """A remote MX that misbehaves on purpose -- no real MTA does so on demand.
-
-    Listens on 127.0.0.1 and, in a thread, accepts one connection per script, one after
-    the other, running ``script(conversation)`` on each. It stops itself: the accept and
-    every read time out after ``timeout``, and the listener closes when the last script
-    ends. ``error`` holds what went wrong in a script (an unexpected command, a timeout);
-    ``notes`` what the scripts chose to record."""
-
-    def __init__(self, *scripts: Callable[[Conversation], None], timeout: float = 20.0) -> None:
-        self.scripts = scripts
-        self.timeout = timeout
-        self.listener = socket.create_server((LOOPBACK, 0))
-        self.listener.settimeout(timeout)
-        self.port = self.listener.getsockname()[1]
-        self.error: BaseException | None = None
-        self.notes: dict[str, object] = {}
-        self.finished = threading.Event()
-        self.thread = threading.Thread(target=self._run, name=f"scripted-remote-{self.port}", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        try:
-            for script in self.scripts:
-                sock, _ = self.listener.accept()
-                sock.settimeout(self.timeout)
-                conversation = Conversation(sock, self.notes)
-                try:
-                    script(conversation)
-                finally:
-                    conversation.close()
-        except BaseException as exc:  # reported by join()
-            self.error = exc
-        finally:
-            self.listener.close()
-            self.finished.set()
-
-    def join(self) -> None:
-        """Wait for the script to end; re-raise what went wrong in it."""
-        assert self.finished.wait(self.timeout * 2 + 5), "the scripted remote did not stop"
-        if self.error is not None:
-            raise AssertionError(f"scripted remote failed: {self.error!r}") from self.error
-
-
-@pytest.fixture
-def scripted_remote() -> Iterator[Callable[..., ScriptedRemote]]:
-    remotes: list[ScriptedRemote] = []
-
-    def make(*scripts: Callable[[Conversation], None], **options) -> ScriptedRemote:
-        remote = ScriptedRemote(*scripts, **options)
-        remotes.append(remote)
-        return remote
-
-    yield make
-    for remote in remotes:  # never leave a thread behind; each is bounded by its timeout
-        remote.finished.wait(remote.timeout * 2 + 5)
-        print(f"--- scripted remote {remote.port}: error {remote.error!r}, notes {remote.notes!r}")
 
 
 # --------------------------------------------------------------------------- 1. many messages
