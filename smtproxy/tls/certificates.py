@@ -91,30 +91,41 @@ EXPIRY_WARNING = datetime.timedelta(days=14)
 
 
 def validity_warnings(chains) -> list[str]:
-    """One line per inbound chain whose certificate senders that check it would refuse
-    (expired, not valid yet) or soon will (within `EXPIRY_WARNING`). Postfix says nothing
-    of it; the operator should hear it before the first sender that verifies does."""
+    """One line per certificate of the inbound chains (the server's own, then each
+    intermediate) that senders checking them would refuse (expired, not valid yet) or soon
+    will (within `EXPIRY_WARNING`). Postfix says nothing of it; the operator should hear it
+    before the first sender that verifies does."""
     now = datetime.datetime.now(datetime.timezone.utc)
     warnings = []
     for index, chain in enumerate(chains):
         if not Path(chain.cert_file).exists():
             continue  # to be generated on start (self_signed_if_missing)
         try:
-            cert = x509.load_pem_x509_certificate(Path(chain.cert_file).read_bytes())
+            certificates = x509.load_pem_x509_certificates(Path(chain.cert_file).read_bytes())
         except ValueError:
             continue  # OpenSSL loads it (certificate_problem); cryptography is stricter
-        after, before = cert.not_valid_after_utc, cert.not_valid_before_utc
-        if after < now:
-            problem = f"expired on {after:%Y-%m-%d %H:%M} UTC"
-        elif before > now:
-            problem = f"not valid before {before:%Y-%m-%d %H:%M} UTC"
-        elif after - now < EXPIRY_WARNING:
-            left = (after - now).days
-            problem = f"expires on {after:%Y-%m-%d %H:%M} UTC, in {f'{left} days' if left else 'less than a day'}"
-        else:
-            continue
-        warnings.append(f"inbound.certificates[{index}].cert_file = \"{chain.cert_file}\": the certificate {problem}")
+        for position, cert in enumerate(certificates):
+            problem = _validity_problem(cert, now)
+            if problem is not None:
+                which = "the certificate" if position == 0 else f"chain certificate {position + 1} ({_subject(cert)})"
+                warnings.append(f'inbound.certificates[{index}].cert_file = "{chain.cert_file}": {which} {problem}')
     return warnings
+
+
+def _validity_problem(cert: x509.Certificate, now: datetime.datetime) -> str | None:
+    after, before = cert.not_valid_after_utc, cert.not_valid_before_utc
+    if after < now:
+        return f"expired on {after:%Y-%m-%d %H:%M} UTC"
+    if before > now:
+        return f"not valid before {before:%Y-%m-%d %H:%M} UTC"
+    if after - now < EXPIRY_WARNING:
+        left = (after - now).days
+        return f"expires on {after:%Y-%m-%d %H:%M} UTC, in {f'{left} days' if left else 'less than a day'}"
+    return None
+
+
+def _subject(cert: x509.Certificate) -> str:
+    return _common_name(cert.subject) or cert.subject.rfc4514_string()
 
 
 def chain_key_detail(cert_file: Path) -> tuple[str, str | None]:

@@ -49,3 +49,14 @@ def test_expired_not_yet_valid_and_soon_expiring_certificates_are_warned_about(t
         "expired", "not valid", "expires"]
     assert warnings[0].startswith(f'inbound.certificates[0].cert_file = "{tmp_path}/0.pem": the certificate expired on ')
     assert warnings[2].endswith("in 4 days") or warnings[2].endswith("in 5 days"), warnings[2]
+
+
+def test_an_expired_intermediate_is_warned_about_too(tmp_path):
+    ca, now = trustme.CA(), datetime.datetime.now(datetime.timezone.utc)
+    leaf = ca.issue_cert("mx.example.com")
+    expired = ca.issue_cert("old-intermediate.example", common_name="Old Intermediate", not_before=now - datetime.timedelta(days=30),
+                            not_after=now - datetime.timedelta(days=1))
+    chain_file = tmp_path / "chain.pem"
+    chain_file.write_bytes(leaf.cert_chain_pems[0].bytes() + expired.cert_chain_pems[0].bytes())
+    [warning] = validity_warnings([CertificateConfig(cert_file=chain_file, key_file=chain_file)])
+    assert ': chain certificate 2 (Old Intermediate) expired on ' in warning, warning
