@@ -28,7 +28,7 @@ import ctypes.util
 import dataclasses
 import ssl
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 _SSL_CTRL_SET_SESS_CACHE_SIZE = 42
 _SSL_CTRL_SET_SESS_CACHE_MODE = 44
@@ -42,6 +42,11 @@ _VERIFY_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_void_p)
 _TICKET_KEY_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                                         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int)
 
+
+# int cb(SSL *, int *alert, void *arg)
+_CLIENT_HELLO_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p)
+_CLIENT_HELLO_SUCCESS = 1
+_TLSEXT_TYPE_SERVER_NAME = 0
 
 _P = ctypes.c_void_p
 # name -> (return type, argument types) of each libssl/libcrypto function used here
@@ -74,6 +79,10 @@ _SIGNATURES = {
     "SSL_load_client_CA_file": (_P, [ctypes.c_char_p]),
     "SSL_CTX_set_client_CA_list": (None, [_P, _P]),
     "ERR_clear_error": (None, []),
+    "SSL_CTX_set_client_hello_cb": (None, [_P, _CLIENT_HELLO_CALLBACK, _P]),
+    "SSL_client_hello_get0_ext": (ctypes.c_int, [_P, ctypes.c_uint, ctypes.POINTER(ctypes.c_void_p),
+                                                 ctypes.POINTER(ctypes.c_size_t)]),
+    "SSL_set_session_id_context": (ctypes.c_int, [_P, ctypes.c_char_p, ctypes.c_uint]),
 }
 
 
@@ -323,6 +332,39 @@ def name_client_cas(context: ssl.SSLContext, ca_file: str) -> None:
         _lib.ERR_clear_error()  # not to be read later as the error of another call
         return
     _lib.SSL_CTX_set_client_CA_list(_ctx_pointer(context), names)  # the context owns the list
+
+
+def session_id_context_by_sni(context: ssl.SSLContext, choose: Callable[[str | None], bytes]) -> None:
+    """Give each connection, as its ClientHello arrives, the session ID context `choose`
+    names for the client's SNI (None: no SNI). OpenSSL then resumes a session (a TLS 1.2
+    session ID or ticket, a TLS 1.3 PSK) only under the name group it was made for: RFC
+    6066 section 3, a server must not resume a session under another server name, whose
+    certificate the client never saw. Python's sni_callback comes too late for this:
+    OpenSSL has judged the offered session by then."""
+
+    def on_client_hello(ssl_pointer: int, _alert: int, _arg: int) -> int:
+        data, length = ctypes.c_void_p(), ctypes.c_size_t()
+        found = _lib.SSL_client_hello_get0_ext(ssl_pointer, _TLSEXT_TYPE_SERVER_NAME, ctypes.byref(data),
+                                               ctypes.byref(length))
+        value = choose(sni_host_name(ctypes.string_at(data, length.value)) if found == 1 else None)
+        _lib.SSL_set_session_id_context(ssl_pointer, value, len(value))
+        return _CLIENT_HELLO_SUCCESS
+
+    callback = _CLIENT_HELLO_CALLBACK(on_client_hello)
+    context.smtproxy_client_hello_callback = callback  # the context keeps what OpenSSL calls
+    _lib.SSL_CTX_set_client_hello_cb(_ctx_pointer(context), callback, None)
+
+
+def sni_host_name(extension: bytes) -> str | None:
+    """The host name in a server_name extension's body (RFC 6066 section 3), lower-case."""
+    end, position = 2 + int.from_bytes(extension[:2], "big"), 2
+    while position + 3 <= min(end, len(extension)):
+        kind, size = extension[position], int.from_bytes(extension[position + 1:position + 3], "big")
+        name = extension[position + 3:position + 3 + size]
+        if kind == 0:
+            return name.decode("ascii", "replace").lower()
+        position += 3 + size
+    return None
 
 
 def set_verify_depth(context: ssl.SSLContext, depth: int) -> None:

@@ -43,26 +43,33 @@ class ServerTls:
             for name in chain.server_names:
                 by_name.setdefault(name, []).append(index)
         self._key_details: dict[int, dict[str, str | None]] = {}
+        self._session_id_contexts: dict[int, bytes] = {}  # id(context) -> its session ID context
         contexts: dict[tuple[int, ...], ssl.SSLContext] = {}
+        default = tuple(i for i, chain in enumerate(chains) if not chain.server_names)
+        default = default or tuple(next(iter(by_name.values())))
 
         def context_for(indices: tuple[int, ...]) -> ssl.SSLContext:
             if indices not in contexts:
-                contexts[indices] = self._context([chains[i] for i in indices])
+                # each set of chains resumes only its own sessions (see _context_for_name)
+                session_id_context = self._session_id_context if indices == default else hashlib.sha256(
+                    self._session_id_context + repr(indices).encode()).digest()
+                contexts[indices] = self._context([chains[i] for i in indices], session_id_context)
             return contexts[indices]
 
-        default = tuple(i for i, chain in enumerate(chains) if not chain.server_names)
-        self.default_context = context_for(default or tuple(next(iter(by_name.values()))))
+        self.default_context = context_for(default)
         self._by_name: dict[str, ssl.SSLContext] = {
             name: context_for(tuple(indices)) for name, indices in by_name.items()
         }
         if self._by_name:
             self.default_context.sni_callback = self._select_by_sni
+            openssl_ext.session_id_context_by_sni(
+                self.default_context, lambda name: self._session_id_contexts[id(self._context_for_name(name))])
 
     @property
     def client_certificate_requested(self) -> bool:
         return self.config.client_certificate != "none"
 
-    def _context(self, chains) -> ssl.SSLContext:
+    def _context(self, chains, session_id_context: bytes) -> ssl.SSLContext:
         cfg = self.config
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.minimum_version = _VERSIONS[cfg.min_protocol]
@@ -92,7 +99,8 @@ class ServerTls:
         else:
             openssl_ext.set_dh_auto(context)
         openssl_ext.set_session_cache(context, cfg.session_cache_size, cfg.session_timeout)
-        openssl_ext.set_session_id_context(context, self._session_id_context)
+        openssl_ext.set_session_id_context(context, session_id_context)
+        self._session_id_contexts[id(context)] = session_id_context
         if cfg.client_certificate != "none":
             context.verify_mode = ssl.CERT_REQUIRED if cfg.client_certificate == "require" else ssl.CERT_OPTIONAL
             if cfg.client_ca_file is not None:
@@ -102,14 +110,22 @@ class ServerTls:
         trace_handshakes(context)
         return context
 
-    def _select_by_sni(self, ssl_object, server_name: str | None, context: ssl.SSLContext) -> None:
+    def _context_for_name(self, server_name: str | None) -> ssl.SSLContext:
+        """The context whose chains serve `server_name` (exact, then one wildcard label),
+        else the default. A session resumes only under the same context's session ID
+        context: one made for another name would skip the certificate the client never
+        saw for this one (RFC 6066 section 3)."""
         if not server_name:
-            return
+            return self.default_context
         name = server_name.lower()
         chosen = self._by_name.get(name)
         if chosen is None and "." in name:
             chosen = self._by_name.get("*." + name.split(".", 1)[1])
-        if chosen is not None and chosen is not ssl_object.context:
+        return chosen or self.default_context
+
+    def _select_by_sni(self, ssl_object, server_name: str | None, context: ssl.SSLContext) -> None:
+        chosen = self._context_for_name(server_name)
+        if chosen is not ssl_object.context:
             ssl_object.context = chosen
 
     def new_engine(self) -> TlsEngine:

@@ -341,6 +341,28 @@ def _subject_cn(s_client_output: str) -> str:
     return re.search(r"^subject=.*CN = ([^,\s]+)", s_client_output, re.M).group(1)
 
 
+@pytest.mark.parametrize("version", ["-tls1_2", "-tls1_3"])
+def test_a_session_resumes_only_under_the_server_name_it_was_made_for(postfix, start_proxy, pki, rsa_cert,
+                                                                        tmp_path, version):
+    """RFC 6066 section 3: a session made with one server name must not resume under
+    another, whose certificate (here another chain) the client never saw: it gets a full
+    handshake and that name's certificate. Under the same name it resumes."""
+    a_cert, b_cert = pki.server_cert("a.example.test"), pki.server_cert("b.example.test")
+    proxy = start_proxy(postfix.port, certificates=[rsa_cert, (a_cert, ["a.example.test"]),
+                                                    (b_cert, ["b.example.test"])])
+    session = tmp_path / "a.session"
+
+    def connect(server_name: str, *args: str) -> str:
+        return openssl_s_client(proxy.port, args=[version, "-servername", server_name, *args],
+                                input=b"QUIT\r\n").stdout
+
+    first = connect("a.example.test", "-sess_out", str(session))
+    assert "\nNew, " in first and Pki.fingerprint_of_pem(first) == a_cert.fingerprint, first
+    other_name = connect("b.example.test", "-sess_in", str(session))
+    assert "\nNew, " in other_name and Pki.fingerprint_of_pem(other_name) == b_cert.fingerprint, other_name
+    assert "\nReused, " in connect("a.example.test", "-sess_in", str(session))
+
+
 def test_sni_and_key_type_pick_the_certificate_chain(postfix, start_proxy, pki, rsa_cert):
     a_ecdsa = pki.server_cert("a.example.test")
     b_ecdsa = pki.server_cert("b.example.test")
