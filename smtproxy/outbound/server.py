@@ -186,7 +186,7 @@ class OutboundServer:
         except RoutingError:
             by_mx = None
         chosen = next((t for t in by_mx.targets if t.address == address), None) if by_mx else None
-        if by_mx is not None and chosen is not None:
+        if chosen is not None:
             rank = chosen.preference or 0
             targets = [Target(chosen.hostname, address, port, chosen.preference),
                        *(t for t in by_mx.targets if t.address != address and (t.preference or 0) >= rank)]
