@@ -1156,8 +1156,9 @@ def test_bdat_last_in_a_later_read_still_gets_the_data_done_timeout(scripted_rem
     """MAIL and RCPT reach the proxy in one read, BDAT LAST and its chunk in the next, before
     the backend answered anything: the wait begun for MAIL with backend_timeout must grow
     to backend_data_done_timeout once the message end is due with it. The backend holds
-    its pipelined replies until the chunk is in, then scans for 2 s (past backend_timeout)."""
-    forwarded = threading.Event()
+    its pipelined replies until the chunk is in, and then, scanning, until the client has
+    heard nothing for twice backend_timeout."""
+    forwarded, scanned = threading.Event(), threading.Event()
 
     def backend(c: Conversation) -> None:
         c.send(b"220 backend.example ESMTP\r\n")
@@ -1170,7 +1171,7 @@ def test_bdat_last_in_a_later_read_still_gets_the_data_done_timeout(scripted_rem
         while len(c.buffer) < size:
             c.fill()
         c.notes["message"], c.buffer = c.buffer[:size], c.buffer[size:]
-        time.sleep(2)  # the backend's content scan, not a wait of the test's
+        assert scanned.wait(20), "the test never ended the scan"
         c.send(b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.0.0 queued\r\n")
         c.goodbye()
 
@@ -1183,7 +1184,11 @@ def test_bdat_last_in_a_later_read_still_gets_the_data_done_timeout(scripted_rem
         client.send(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<user@example.test>\r\n")
         assert forwarded.wait(10), "the proxy did not pass MAIL and RCPT on"
         client.send(f"BDAT {len(body)} LAST\r\n".encode() + body)
-        assert [client.read_reply().code for _ in range(3)] == [250, 250, 250]
+        client.sock.settimeout(2)  # twice backend_timeout: no 421 may come meanwhile
+        with pytest.raises(TimeoutError):
+            client.sock.recv(1024)
+        scanned.set()
+        assert [client.read_reply(timeout=10).code for _ in range(3)] == [250, 250, 250]
         assert client.command("QUIT").code == 221
     remote.join()
     assert marker.encode() in remote.notes["message"]
