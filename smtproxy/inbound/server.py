@@ -290,6 +290,11 @@ class ClientConnection(asyncio.Protocol):
             return
         if self.engine is not None and not self.engine.handshake_done and not self._closed:
             self._report_handshake_failure("validation-failure", "lost_connection")  # as Postfix logs it
+        if self.engine is not None and self.engine.handshake_done and not self.engine.broken and not self._closed:
+            # OpenSSL takes the session of a connection freed without a shutdown out of
+            # its cache (TLS 1.0's rule, lifted by RFC 4346): a client that drops the
+            # connection would never resume it again
+            self.engine.close()
         if not self.session.closed:
             self._execute(self.session.client_closed())
         self._closed = True

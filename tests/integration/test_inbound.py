@@ -12,6 +12,8 @@ import json
 import re
 import select
 import socket
+import ssl
+import struct
 import subprocess
 import sys
 import threading
@@ -435,6 +437,35 @@ def test_openssl_resumes_and_our_log_says_resumed(postfix, start_proxy, pki, ecd
     assert "server-signature" not in resumed["event"]  # nothing was signed this time
     # the resumed TLS 1.2 session shows no key exchange, but its ECDHE suite made the secret
     assert resumed["forward_secrecy"] is True, resumed
+
+
+def test_a_tls12_session_id_survives_a_client_that_drops_the_connection(postfix, start_proxy, pki):
+    """A client that closes its socket without close_notify (as many do after 221, and as
+    sslyze does) must not take its session out of the server's cache: OpenSSL drops the
+    session of a connection freed without a shutdown (TLS 1.0's rule; RFC 4346 lifted it),
+    and every later resumption of it would fail."""
+    proxy = start_proxy(postfix.port)
+    context = pki.client_context(check_hostname=False)
+    context.maximum_version = ssl.TLSVersion.TLSv1_2
+    context.options |= ssl.OP_NO_TICKET  # the server's session cache, not a ticket
+
+    def connect(session: ssl.SSLSession | None = None) -> ssl.SSLSocket:
+        client = context.wrap_socket(socket.create_connection(("127.0.0.1", proxy.tls_port), timeout=10),
+                                     session=session)
+        assert client.recv(4096).startswith(b"220 "), "no greeting"
+        return client
+
+    first = connect()
+    session = first.session
+    for attempt in range(3):
+        logged = len(proxy.process.logs())
+        first.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        first.close()  # no close_notify: the TCP connection ends with a reset
+        proxy.process.wait_for_log(lambda r: r["event"] == "disconnect from unknown[127.0.0.1]", timeout=20,
+                                   after=logged)
+        first = connect(session)
+        assert first.session_reused, f"attempt {attempt + 1}: the session was dropped from the server's cache"
+    first.close()
 
 
 # ----------------------------------------------------------------------- STARTTLS injection
