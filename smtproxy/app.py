@@ -94,7 +94,8 @@ def build_outbound_parts(config: Config, bus: EventBus) -> OutboundParts:
         policies = Policies.from_config(outbound)
     except (RouteTableError, PolicyTableError) as exc:
         raise StartupError(str(exc)) from exc
-    router = Router(routes, make_resolver(config.dns), outbound.port)
+    resolver = make_resolver(config.dns)
+    router = Router(routes, resolver, outbound.port)
     problem = cipher_problem(policies, outbound.tls.ciphers)
     if problem is not None:
         raise StartupError(problem)
@@ -104,7 +105,8 @@ def build_outbound_parts(config: Config, bus: EventBus) -> OutboundParts:
         raise StartupError(f"outbound.tls: cannot load TLS settings: {exc}") from exc
     settings = ConnectSettings(outbound.hostname, outbound.connect_timeout, outbound.handshake_timeout,
                                outbound.reply_timeout, outbound.mx_address_limit, outbound.plaintext_fallback_delay)
-    connector = Connector(settings, client_tls, bus, SessionCache(outbound.tls.session_cache_timeout))
+    connector = Connector(settings, client_tls, bus, SessionCache(outbound.tls.session_cache_timeout),
+                          resolver.dns_resolver if config.dns.dnssec else None)
     limits = PoolLimits(outbound.connection_cache_time_limit, outbound.connection_reuse_time_limit,
                         outbound.connection_reuse_count_limit, outbound.connection_cache_size,
                         outbound.connection_cache_destination_size, outbound.reply_timeout)

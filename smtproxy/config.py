@@ -834,6 +834,8 @@ class DnsConfig:
         _nameserver_or_none, "an IP address, optionally with a port: 192.0.2.53, 127.0.0.1:5353, [2001:db8::53]:53",
         "IP addresses (empty: /etc/resolv.conf)"), ())
     timeout: float = _key(Seconds(), 5.0)
+    # trust the nameservers' AD bit (DANE); Postfix's smtp_dns_support_level = dnssec
+    dnssec: bool = _key(Flag(), False)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -75,6 +75,8 @@ class HandshakeFacts:
     local_addr: str | None = None  # sending-mta-ip
     peer_helo: str | None = None  # the remote's EHLO reply before STARTTLS, CRLF-joined (receiving-mx-helo)
     policy_level: str | None = None  # the TLS security level the attempt was made under
+    tlsa_base_domain: str | None = None  # DANE: the MX host whose TLSA records applied (TLSRPT policy-domain)
+    tlsa_records: tuple[str, ...] = ()  # DANE: those records, presentation form (TLSRPT policy-string)
 
     @property
     def ok(self) -> bool:

@@ -2,10 +2,19 @@
 
 Postfix's smtp client order: try each MX address in turn; greet; EHLO; STARTTLS when the
 level wants TLS and the server offers it; authenticate the server per level; EHLO again.
-A policy failure moves on to the next address; only `may` (and `dane` until DANE lookups
-exist) falls back to plaintext (DESIGN.md invariant 4), after a failed handshake only as
-`PlaintextFallback` allows.  Every handshake, and every failure
-to get one that the level cared about, is published as one `HandshakeFacts`.
+A policy failure moves on to the next address; only `may` (and `dane` without usable TLSA
+records) falls back to plaintext (DESIGN.md invariant 4), after a failed handshake only as
+`PlaintextFallback` allows.  Every handshake, and every failure to get one that the level
+cared about, is published as one `HandshakeFacts`.
+
+DANE (DESIGN.md: table, then DANE, then the default level), only with `[dns] dnssec = true`
+(Postfix's smtp_dns_support_level = dnssec): each MX host's TLSA records are looked up when
+its level is `dane` or `dane-only`, and when no table entry names the destination and the
+default level is not `none` — then usable records outrank the default level.  Per
+host (policy/dane.py): usable records make TLS mandatory and authenticate the server;
+validated but unusable ones make TLS mandatory (Postfix: `encrypt`); a failed lookup
+skips the host; none leave the level as it is (`dane` acting as `may`), except that
+`dane-only` skips the host.  Lookups need validated address records (RFC 7672 2.2.2).
 """
 
 from __future__ import annotations
@@ -15,11 +24,13 @@ import ipaddress
 import math
 import time
 
+import dns.asyncresolver
 import structlog
 
 from smtproxy.events import Direction, EventBus, HandshakeFacts
 from smtproxy.outbound.fallback import PlaintextFallback
 from smtproxy.outbound.upstream import UpstreamConnection, UpstreamError
+from smtproxy.policy.dane import DaneAuthority, TlsaLookup, TlsaStatus, lookup_tlsa, tlsa_name
 from smtproxy.policy.levels import Level, Policy, PolicyDecision
 from smtproxy.routing.router import Destination, Target
 from smtproxy.routing.routes import address_literal
@@ -116,13 +127,20 @@ def nexthop_name(nexthop: str) -> str:
     return nexthop.partition(":")[0]
 
 
+_DANE_LEVELS = (Level.DANE, Level.DANE_ONLY)
+
+
 class Connector:
+    """`resolver`: for TLSA lookups (the routing resolver, DO bit set); None: DNSSEC is off,
+    so no TLSA lookups (`dane` acts as `may`, `dane-only` defers)."""
+
     def __init__(self, settings: ConnectSettings, client_tls: ClientTls, bus: EventBus,
-                 sessions: SessionCache) -> None:
+                 sessions: SessionCache, resolver: dns.asyncresolver.Resolver | None = None) -> None:
         self.settings = settings
         self.client_tls = client_tls
         self.bus = bus
         self.sessions = sessions
+        self.resolver = resolver
         self.fallback = PlaintextFallback(settings.plaintext_fallback_delay)
 
     def remember_session(self, remote: RemoteSession) -> None:
@@ -139,30 +157,12 @@ class Connector:
     async def connect(self, domain: str, destination: Destination, decision: PolicyDecision,
                       certificate: ClientCertificate | None = None) -> RemoteSession:
         """`certificate`: the client certificate for this mail's sender (`ClientTls.certificate_for`)."""
-        policy = decision.policy
-        if policy.level is Level.DANE_ONLY:
-            log.warning("dane-only: DANE lookups are not implemented yet; deferring", domain=domain)
-            raise DeliveryFailure(Reply.of(451, "4.7.5", f"{domain}: TLS policy dane-only cannot be met: "
-                                                          "DANE is not supported yet"))
-        if policy.level is Level.DANE:
-            log.info("dane: DANE lookups are not implemented yet; using level may", domain=domain)
-            policy = dataclasses.replace(policy, level=Level.MAY)
         failures: list[_Failure] = []
         limit = self.settings.mx_address_limit
+        lookups: dict[tuple[str, int], TlsaLookup] = {}
         for target in destination.targets[:limit] if limit else destination.targets:
             try:
-                return await self._attempt(domain, destination.nexthop, target, policy, certificate, use_tls=True)
-            except _RetryInPlaintext as failed:
-                wait = self.fallback.handshake_failed(failed.server)
-                if wait:
-                    failures.append(_Failure(f"{failed}; not retried without TLS for another {math.ceil(wait)} s",
-                                             policy=True))
-                else:
-                    try:
-                        return await self._attempt(domain, destination.nexthop, target, policy, certificate,
-                                                   use_tls=False)
-                    except _TryNext as exc:
-                        failures.append(exc.failure)
+                return await self._try_target(domain, destination.nexthop, target, decision, certificate, lookups)
             except _TryNext as exc:
                 failures.append(exc.failure)
             log.info("delivery attempt failed", domain=domain, peer=f"{target.hostname}[{target.address}]",
@@ -173,6 +173,59 @@ class Connector:
         if policy_failures:
             raise DeliveryFailure(Reply.of(451, "4.7.5", policy_failures[-1].text))
         raise DeliveryFailure(Reply.of(451, "4.4.1", failures[-1].text))
+
+    async def _try_target(self, domain: str, nexthop: str, target: Target, decision: PolicyDecision,
+                          certificate: ClientCertificate | None,
+                          lookups: dict[tuple[str, int], TlsaLookup]) -> RemoteSession:
+        policy = await self._host_policy(nexthop, target, decision, lookups)
+        try:
+            return await self._attempt(domain, nexthop, target, policy, certificate, use_tls=True)
+        except _RetryInPlaintext as failed:
+            wait = self.fallback.handshake_failed(failed.server)
+            if wait:
+                raise _TryNext(_Failure(f"{failed}; not retried without TLS for another {math.ceil(wait)} s",
+                                        policy=True)) from None
+            return await self._attempt(domain, nexthop, target, policy, certificate, use_tls=False)
+
+    async def _host_policy(self, nexthop: str, target: Target, decision: PolicyDecision,
+                           lookups: dict[tuple[str, int], TlsaLookup]) -> Policy:
+        """The policy for this one host once its TLSA records are known (module docstring)."""
+        policy = decision.policy
+        dane_level = policy.level in _DANE_LEVELS
+        by_default = decision.source == "default_level" and policy.level is not Level.NONE
+        if not (dane_level or (by_default and self.resolver is not None)):
+            return policy
+        where = f"{target.hostname}[{target.address}]:{target.port}"
+        if self.resolver is None:
+            lookup = TlsaLookup(TlsaStatus.NONE, tlsa_name(target.hostname, target.port),
+                                reason="DNSSEC is off ([dns] dnssec = false)")
+        elif target.addresses_secure:
+            key = (target.hostname.lower(), target.port)
+            if key not in lookups:
+                lookups[key] = await lookup_tlsa(self.resolver, target.hostname, target.port)
+            lookup = lookups[key]
+        else:
+            lookup = TlsaLookup(TlsaStatus.NONE, tlsa_name(target.hostname, target.port),
+                                reason="address records not DNSSEC-validated")
+        if lookup.status is TlsaStatus.USABLE:
+            authority = DaneAuthority(lookup.records, target.hostname, target.name_secure)
+            log.info("DANE: TLSA records apply", peer=where, tlsa=list(authority.policy_strings),
+                     mx_secure=target.name_secure)
+            return dataclasses.replace(policy, dane=authority)
+        if lookup.status is TlsaStatus.FAILED:
+            self._publish_failure(nexthop, target, None, None, policy, "dnssec-invalid", "tlsa_lookup_failed")
+            raise _TryNext(_Failure(f"TLSA lookup error for {lookup.qname}: {lookup.reason}", policy=True))
+        if policy.level is Level.DANE_ONLY:
+            self._publish_failure(nexthop, target, None, None, policy, "dane-required", "no_usable_TLSA_records")
+            raise _TryNext(_Failure(f"dane-only: no usable TLSA records for {where}: {lookup.reason}",
+                                    policy=True))
+        if lookup.status is TlsaStatus.UNUSABLE and not policy.tls_required:
+            log.info("DANE: all TLSA records unusable; TLS is mandatory without authentication (level encrypt)",
+                     peer=where, qname=lookup.qname)
+            return dataclasses.replace(policy, level=Level.ENCRYPT)
+        if dane_level:
+            log.info("DANE: no usable TLSA records; level dane acts as may", peer=where, reason=lookup.reason)
+        return policy
 
     async def _attempt(self, domain: str, nexthop: str, target: Target, policy: Policy,
                        certificate: ClientCertificate | None, *, use_tls: bool) -> RemoteSession:
@@ -190,13 +243,13 @@ class Connector:
             ehlo = await self._ehlo(connection, where, policy)
             helo = _reply_text(ehlo.to_reply())
             facts = None
-            if use_tls and policy.level.tls_wanted:
+            if use_tls and policy.tls_wanted:
                 if ehlo.has("STARTTLS"):
                     facts = await self._start_tls(connection, domain, nexthop, target, policy, helo,
                                                   certificate)
                     if facts is not None:
                         ehlo = await self._ehlo(connection, where, policy)
-                elif policy.level.tls_required:
+                elif policy.tls_required:
                     self._publish_failure(nexthop, target, connection, helo, policy,
                                           "starttls-not-supported", "starttls_not_offered")
                     raise _TryNext(_Failure(f"TLS is required, but was not offered by host {where}", policy=True))
@@ -212,7 +265,7 @@ class Connector:
         reply = await connection.command(f"EHLO {self.settings.hostname}", self.settings.reply_timeout)
         if reply.code == 250:
             return EhloReply.parse(reply)
-        if policy.level.tls_wanted and policy.level.tls_required:
+        if policy.tls_required:
             raise _TryNext(_Failure(f"host {where} refused EHLO: {reply.code} {reply.text}"))
         helo = await connection.command(f"HELO {self.settings.hostname}", self.settings.reply_timeout)
         if helo.code != 250:
@@ -237,7 +290,7 @@ class Connector:
         if reply.code != 220:
             self._publish_failure(nexthop, target, connection, helo, policy, "starttls-not-supported",
                                   f"starttls_refused_{reply.code}")
-            if policy.level.tls_required:
+            if policy.tls_required:
                 raise _TryNext(_Failure(f"TLS is required, but host {where} refused to start TLS: "
                                         f"{reply.code} {reply.text}", policy=True))
             log.info(f"host {where} refused to start TLS; continuing in plaintext", reply=reply.text)
@@ -250,7 +303,7 @@ class Connector:
             log.warning(f"SSL_connect error to {where}: {exc.reason}", domain=domain)
             self._publish_failure(nexthop, target, connection, helo, policy, exc.failure_type, exc.reason,
                                   duration=time.monotonic() - started)
-            if policy.level.tls_required:
+            if policy.tls_required:
                 raise _TryNext(_Failure(f"TLS handshake with {where} failed: {exc.reason}", policy=True)) from None
             raise _RetryInPlaintext(f"TLS handshake with {where} failed: {exc.reason}", session_key) from None
         self.fallback.handshake_completed(session_key)
@@ -265,7 +318,7 @@ class Connector:
                         peer_certificate=verdict.certificate,
                         local_key_detail=self.client_tls.local_key_detail(certificate)),
             domain=tlsrpt_domain(nexthop), local_addr=self._local_addr(connection), peer_helo=helo,
-            policy_level=str(policy.level))
+            policy_level=str(policy.level), **_dane_facts(policy))
         if verdict.failure is not None:
             self.sessions.discard(session_key)
             failed = dataclasses.replace(facts, failure_type=verdict.failure.failure_type,
@@ -289,19 +342,27 @@ class Connector:
         return None if _is_ip(name) else name
 
     @staticmethod
-    def _local_addr(connection: UpstreamConnection) -> str | None:
-        if connection.transport is None:
+    def _local_addr(connection: UpstreamConnection | None) -> str | None:
+        if connection is None or connection.transport is None:
             return None
         sockname = connection.transport.get_extra_info("sockname")
         return sockname[0] if sockname else None
 
-    def _publish_failure(self, nexthop: str, target: Target, connection: UpstreamConnection, helo: str,
-                         policy: Policy, failure_type: str, reason: str, duration: float = 0.0) -> None:
+    def _publish_failure(self, nexthop: str, target: Target, connection: UpstreamConnection | None,
+                         helo: str | None, policy: Policy, failure_type: str, reason: str,
+                         duration: float = 0.0) -> None:
+        """`connection` and `helo` are None for a failure before connecting (TLSA lookups)."""
         self.bus.publish(HandshakeFacts(
             direction=Direction.OUTBOUND, peer_name=target.hostname, peer_addr=target.address,
             peer_port=target.port, duration=duration, failure_type=failure_type, failure_reason=reason,
             domain=tlsrpt_domain(nexthop), local_addr=self._local_addr(connection), peer_helo=helo,
-            policy_level=str(policy.level)))
+            policy_level=str(policy.level), **_dane_facts(policy)))
+
+
+def _dane_facts(policy: Policy) -> dict[str, object]:
+    if policy.dane is None:
+        return {}
+    return {"tlsa_base_domain": policy.dane.base_domain, "tlsa_records": policy.dane.policy_strings}
 
 
 def tlsrpt_domain(nexthop: str) -> str | None:

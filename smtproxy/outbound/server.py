@@ -168,7 +168,8 @@ class OutboundServer:
         except DeliveryFailure:
             self.bus.publish(PolicyApplied(level, decision.source, "deferred"))
             raise
-        self.bus.publish(PolicyApplied(level, decision.source, "tls" if remote.facts else "plaintext"))
+        source = "dane" if remote.policy.dane is not None and decision.source == "default_level" else decision.source
+        self.bus.publish(PolicyApplied(str(remote.policy.level), source, "tls" if remote.facts else "plaintext"))
         return remote
 
     async def _transparent_destination(self, domain: str, original: tuple[str, int] | None) -> Destination:
@@ -188,6 +189,6 @@ class OutboundServer:
         chosen = next((t for t in by_mx.targets if t.address == address), None) if by_mx else None
         if chosen is not None:
             rank = chosen.preference or 0
-            targets = [Target(chosen.hostname, address, port, chosen.preference),
+            targets = [dataclasses.replace(chosen, port=port),
                        *(t for t in by_mx.targets if t.address != address and (t.preference or 0) >= rank)]
         return Destination(domain, tuple(targets), pinned=(address, port))

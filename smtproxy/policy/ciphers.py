@@ -38,7 +38,8 @@ def cipher_list(policy: Policy, configured: str) -> str:
         base = CIPHER_GRADES[policy.ciphers]
     else:
         raise ValueError(f"unknown cipher grade {policy.ciphers!r}; allowed: {', '.join(CIPHER_GRADES)}")
-    excluded = policy.exclude + LEVEL_EXCLUSIONS.get(policy.level, ())
+    level = Level.DANE_ONLY if policy.dane is not None else policy.level  # TLSA authenticate
+    excluded = policy.exclude + LEVEL_EXCLUSIONS.get(level, ())
     return base + "".join(f":!{name}" for name in excluded)
 
 

@@ -11,6 +11,8 @@ import dataclasses
 import enum
 from pathlib import Path
 
+from smtproxy.policy.dane import DaneAuthority
+
 
 class Level(enum.StrEnum):
     NONE = "none"
@@ -58,7 +60,9 @@ class Policy:
     Postfix cipher grade (``high``, ``medium``, ``low``, ``export``, ``null``) or None
     for `[outbound.tls] ciphers`, or `DEFAULT_CIPHER_GRADE` where that is empty.  `exclude`: OpenSSL cipher names or families to drop.
     `servername`: SNI; ``hostname`` (the MX host name, default), ``nexthop`` or a literal
-    name.  `ca_file`/`verify_depth`: s/qmail's per-destination trust.
+    name.  `ca_file`/`verify_depth`: s/qmail's per-destination trust.  `dane`: set by
+    the connector for one MX host when its usable TLSA records make TLS mandatory and
+    authenticate the server (levels `dane` and `dane-only`), never by a table.
     """
 
     level: Level
@@ -71,6 +75,19 @@ class Policy:
     connection_reuse: bool = True
     ca_file: Path | None = None
     verify_depth: int | None = None
+    dane: DaneAuthority | None = None
+
+    @property
+    def tls_wanted(self) -> bool:
+        return self.level.tls_wanted or self.dane is not None
+
+    @property
+    def tls_required(self) -> bool:
+        return self.level.tls_required or self.dane is not None
+
+    @property
+    def authenticates(self) -> bool:
+        return self.level.authenticates or self.dane is not None
 
     @property
     def match_or_default(self) -> tuple[str, ...]:

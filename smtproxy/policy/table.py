@@ -11,7 +11,7 @@ Where this is stricter than Postfix 3.x (src/smtp/smtp_tls_policy.c), it refuses
 Postfix would only warn about or ignore: attributes at level `none`, `match=` on
 `dane`/`dane-only` (Postfix 3.x refuses that too), a key given twice, `fingerprint`
 without `match=` (there is no smtp_tls_fingerprint_cert_match to fall back on), and
-`tafile=` (trust-anchor files come with the DANE work).  `ca_file=` and `verify_depth=`
+`tafile=` (smtproxy's DANE uses TLSA records only).  `ca_file=` and `verify_depth=`
 (verify and secure only) are smtproxy's own attributes: they carry s/qmail's per-destination
 CA file and depth (see policy/qmail.py); Postfix itself has no such attributes.
 """
@@ -279,7 +279,7 @@ def _allowed_attributes(level: Level) -> str:
 
 def _check_attribute(name: str, level: Level) -> None:
     if name == "tafile":
-        raise ValueError("trust-anchor files are not supported yet (they come with DANE); allowed: "
+        raise ValueError("trust-anchor files (tafile=) are not supported; allowed: "
                          f"{_allowed_attributes(level)} (verify/secure: ca_file= for a CA file)")
     if name not in _KNOWN_ATTRIBUTES:
         raise ValueError(f'unknown attribute "{name}"; allowed: {_allowed_attributes(level)}')

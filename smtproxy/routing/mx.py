@@ -8,6 +8,11 @@ rules (reverse DNS, authentication), so an IPv6 first attempt would turn into co
 timeouts or refusals that IPv4 would not have met. A and AAAA are asked at the same time,
 and so are the hosts of one MX set, so a lookup takes about two `timeout`s at most.
 
+DNSSEC (for DANE), only with `[dns] dnssec = true`: queries carry the DO bit, and what the
+resolver validated (its AD bit) is kept per host: `Exchanger.name_secure` (the MX record naming it was validated, or the
+name came from the domain or a route rather than from an MX record) and
+`Exchanger.addresses_secure` (every address answer was validated).
+
 An MX host that is an alias (CNAME, forbidden by RFC 2181 10.3), has no address or cannot
 be resolved is skipped, as Postfix does while any other host resolves.
 
@@ -29,6 +34,7 @@ import random
 
 import dns.asyncresolver
 import dns.exception
+import dns.flags
 import dns.name
 import dns.nameserver
 import dns.resolver
@@ -66,11 +72,14 @@ class RoutingError(Exception):
 @dataclasses.dataclass(frozen=True, slots=True)
 class Exchanger:
     """One mail host with its addresses (IPv4 first). `preference` is None when the host
-    does not come from an MX record (implicit MX, `[host]` route, IP literal)."""
+    does not come from an MX record (implicit MX, `[host]` route, IP literal).  The two
+    flags say what DNSSEC validated (module docstring)."""
 
     hostname: str
     preference: int | None
     addresses: tuple[str, ...]
+    name_secure: bool = False
+    addresses_secure: bool = False
 
 
 def make_resolver(config: DnsConfig, rng: random.Random | None = None) -> MxResolver:
@@ -86,7 +95,9 @@ def make_resolver(config: DnsConfig, rng: random.Random | None = None) -> MxReso
             raise ConfigError("dns.nameservers", [], "IP addresses, optionally with a port",
                               problem="empty, and /etc/resolv.conf names no nameserver") from None
     resolver.lifetime = config.timeout
-    return MxResolver(resolver, rng)
+    if config.dnssec:
+        resolver.use_edns(0, dns.flags.DO, 1232)  # ask for validation, read the AD bit
+    return MxResolver(resolver, rng, dnssec=config.dnssec)
 
 
 def _nameserver(text: str) -> dns.nameserver.Do53Nameserver:
@@ -125,17 +136,21 @@ def _severity(error: BaseException) -> int:
 
 
 class MxResolver:
-    """MX and address lookups on a dnspython resolver; `rng` orders equal-preference hosts."""
+    """MX and address lookups on a dnspython resolver; `rng` orders equal-preference hosts;
+    `dnssec`: believe the resolver's AD bit (else nothing counts as validated)."""
 
-    def __init__(self, resolver: dns.asyncresolver.Resolver, rng: random.Random | None = None) -> None:
+    def __init__(self, resolver: dns.asyncresolver.Resolver, rng: random.Random | None = None, *,
+                 dnssec: bool = False) -> None:
         self.dns_resolver = resolver
+        self.dnssec = dnssec
         self._rng = rng or random.Random()
 
     async def exchangers(self, domain: str) -> tuple[Exchanger, ...]:
         """The mail hosts for `domain` in the order to try; raises RoutingError."""
         answer = await self._lookup(domain, "MX")
         if answer is None:  # RFC 5321 5.1: no MX records, the domain itself is the mail host
-            return (Exchanger(domain, None, await self._addresses(domain, alias_ok=True)),)
+            addresses, secure = await self._addresses(domain, alias_ok=True)
+            return (Exchanger(domain, None, addresses, name_secure=True, addresses_secure=secure),)
         records = [record for record in answer if record.exchange != dns.name.root]
         if not records:
             raise RoutingError(Reply.of(556, "5.1.10", f"Domain {domain} does not accept mail (nullMX)"),
@@ -147,7 +162,8 @@ class MxResolver:
         for failure in failures:
             if not isinstance(failure, RoutingError):
                 raise failure
-        usable = tuple(Exchanger(name, preference, result)
+        name_secure = self._validated(answer)
+        usable = tuple(Exchanger(name, preference, result[0], name_secure=name_secure, addresses_secure=result[1])
                        for (name, preference), result in zip(hosts, results) if isinstance(result, tuple))
         if usable:
             return usable
@@ -161,7 +177,8 @@ class MxResolver:
         try:
             return Exchanger(hostname, None, (str(ipaddress.ip_address(hostname)),))
         except ValueError:
-            return Exchanger(hostname, None, await self._addresses(hostname, alias_ok=True))
+            addresses, secure = await self._addresses(hostname, alias_ok=True)
+            return Exchanger(hostname, None, addresses, name_secure=True, addresses_secure=secure)
 
     def _ordered_hosts(self, records: list[MX]) -> list[tuple[str, int]]:
         """(host, preference) by preference, equal preferences shuffled, each host once.
@@ -180,8 +197,9 @@ class MxResolver:
                     ordered.append((name, preference))
         return ordered
 
-    async def _addresses(self, name: str, *, alias_ok: bool) -> tuple[str, ...]:
-        """A then AAAA addresses of `name`; RoutingError when there are none."""
+    async def _addresses(self, name: str, *, alias_ok: bool) -> tuple[tuple[str, ...], bool]:
+        """A then AAAA addresses of `name`, and whether every answer with addresses was
+        validated; RoutingError when there are none."""
         results = await asyncio.gather(self._lookup(name, "A"), self._lookup(name, "AAAA"),
                                        return_exceptions=True)
         answers = [result for result in results if isinstance(result, dns.resolver.Answer)]
@@ -190,7 +208,7 @@ class MxResolver:
                                f"MX host {name} is an alias (CNAME)")
         addresses = tuple(record.address for answer in answers for record in answer)
         if addresses:
-            return addresses
+            return addresses, all(self._validated(answer) for answer in answers if answer.rrset)
         failures = [result for result in results if isinstance(result, BaseException)]
         if failures:
             raise min(failures, key=_severity)
@@ -198,6 +216,10 @@ class MxResolver:
             Reply.of(550, "5.4.4", f"Host or domain name not found. Name service error for "
                                    f"name={name} type=A: Host found but no data record of requested type"),
             f"{name} has no A or AAAA record")
+
+    def _validated(self, answer: dns.resolver.Answer) -> bool:
+        """The resolver vouches for the answer (AD bit, RFC 4035 3.2.3)."""
+        return self.dnssec and bool(answer.response.flags & dns.flags.AD)
 
     async def _lookup(self, name: str, rdtype: str) -> dns.resolver.Answer | None:
         """The answer, or None when the name has no record of that type."""

@@ -18,12 +18,15 @@ from smtproxy.smtp import Reply
 @dataclasses.dataclass(frozen=True, slots=True)
 class Target:
     """One address to connect to; `hostname` is the MX host name (the address itself for
-    IP literals), `preference` None when not from an MX record."""
+    IP literals), `preference` None when not from an MX record; `name_secure` and
+    `addresses_secure` as `Exchanger`'s (DNSSEC, for DANE)."""
 
     hostname: str
     address: str
     port: int
     preference: int | None
+    name_secure: bool = False
+    addresses_secure: bool = False
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -82,5 +85,6 @@ class Router:
 
 
 def _targets(exchangers: tuple[Exchanger, ...], port: int) -> tuple[Target, ...]:
-    return tuple(Target(exchanger.hostname, address, port, exchanger.preference)
+    return tuple(Target(exchanger.hostname, address, port, exchanger.preference,
+                        exchanger.name_secure, exchanger.addresses_secure)
                  for exchanger in exchangers for address in exchanger.addresses)

@@ -6,8 +6,10 @@ success or the failure the connector met; never for a reused cached connection; 
 resumed TLS session only with `skip_reused_handshakes = false`; starttls-not-supported
 only where the level requires TLS; never about `[host]` nexthops and address literals
 (`HandshakeFacts.domain` is None); and only to domains whose `_smtp._tls` TXT record asks
-for reports.  Without DANE or MTA-STS the policy is no-policy-found, for the next-hop
-domain (the recipient domain unless a route sends its mail elsewhere).
+for reports.  Where DANE TLSA records applied, the policy is tlsa, for the MX host they
+belong to, with the records as policy strings (Postfix's smtp_tlsrpt_set_dane_policy);
+otherwise no-policy-found, for the next-hop domain (the recipient domain unless a route
+sends its mail elsewhere).
 
 Nothing here may delay mail (DESIGN.md invariant 6): the bus callback only queues the
 facts; one task looks up the record and sends, in order, on a non-blocking datagram
@@ -46,7 +48,7 @@ def reportable(facts: HandshakeFacts, skip_resumed: bool) -> bool:
     if facts.resumed and skip_resumed:
         return False
     if facts.failure_type == "starttls-not-supported" and facts.policy_level is not None:
-        return Level(facts.policy_level).tls_required
+        return bool(facts.tlsa_records) or Level(facts.policy_level).tls_required
     return True
 
 
@@ -58,7 +60,11 @@ def tlsrpt_result(facts: HandshakeFacts, domain: str, record: str) -> TlsrptResu
             result_type=facts.failure_type, sending_mta_ip=facts.local_addr,
             receiving_mx_hostname=facts.peer_name, receiving_mx_helo=facts.peer_helo,
             receiving_ip=facts.peer_addr, failure_reason_code=facts.failure_reason)
-    return TlsrptResult(domain, record, TlsrptPolicy("no-policy-found", domain), failure)
+    if facts.tlsa_records:
+        policy = TlsrptPolicy("tlsa", facts.tlsa_base_domain, facts.tlsa_records)
+    else:
+        policy = TlsrptPolicy("no-policy-found", domain)
+    return TlsrptResult(domain, record, policy, failure)
 
 
 def log_line(result: TlsrptResult, facts: HandshakeFacts) -> str:

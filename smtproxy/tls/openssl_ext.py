@@ -83,6 +83,10 @@ _SIGNATURES = {
     "SSL_client_hello_get0_ext": (ctypes.c_int, [_P, ctypes.c_uint, ctypes.POINTER(ctypes.c_void_p),
                                                  ctypes.POINTER(ctypes.c_size_t)]),
     "SSL_set_session_id_context": (ctypes.c_int, [_P, ctypes.c_char_p, ctypes.c_uint]),
+    "SSL_get_peer_cert_chain": (_P, [_P]),
+    "OPENSSL_sk_num": (ctypes.c_int, [_P]),
+    "OPENSSL_sk_value": (_P, [_P, ctypes.c_int]),
+    "i2d_X509": (ctypes.c_int, [_P, ctypes.POINTER(ctypes.c_void_p)]),
 }
 
 
@@ -214,6 +218,32 @@ def verify_result(ssl_object: ssl.SSLObject) -> int | None:
         return _lib.SSL_get_verify_result(_ssl_pointer(ssl_object))
     except RuntimeError:
         return None
+
+
+def peer_chain(ssl_object: ssl.SSLObject) -> list[bytes]:
+    """The certificates the server presented, leaf first, as DER (`SSL_get_peer_cert_chain`,
+    which Python 3.11 does not expose).  A resumed client session keeps the chain of the
+    handshake that made it, as sessions are held by reference here (`HeldSession`).
+    Empty where this Python's layout hides it."""
+    if not _ssl_layout_known:
+        return []
+    try:
+        stack = _lib.SSL_get_peer_cert_chain(_ssl_pointer(ssl_object))
+    except RuntimeError:
+        return []
+    if not stack:
+        return []
+    return [_der(_lib.OPENSSL_sk_value(stack, index)) for index in range(_lib.OPENSSL_sk_num(stack))]
+
+
+def _der(certificate: int) -> bytes:
+    length = _lib.i2d_X509(certificate, None)
+    if length <= 0:
+        raise ValueError("i2d_X509 failed")
+    buffer = ctypes.create_string_buffer(length)
+    cursor = ctypes.c_void_p(ctypes.addressof(buffer))  # i2d_X509 writes here and advances it
+    _lib.i2d_X509(certificate, ctypes.byref(cursor))
+    return buffer.raw
 
 
 def _check(result: int, what: str) -> None:

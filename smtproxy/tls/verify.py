@@ -10,6 +10,10 @@ an OpenSSL-style reason.  The chain failure reported is the one closest to the l
 first found at that depth (Postfix tls_verify.c, update_error_state); it outranks a name
 mismatch, so an expired certificate is reported as expired.
 
+DANE (policy.dane set): the chain must match a usable TLSA record (policy/dane.py); for
+DANE-TA the leaf must also carry the MX host name or the nexthop domain.  A match is
+Verified, or Trusted when the MX host name came from DNS that was not validated.
+
 Names (postconf(5) smtp_tls_verify_cert_match, tls_client.c): DNS subjectAltNames, the
 subject CommonNames only when there is none; case-insensitive; ``*`` only as the whole
 left-most label, for exactly one label (RFC 6125 6.4.3; Postfix's
@@ -26,7 +30,9 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from smtproxy.events import PeerCertificate, PeerTrust
+from smtproxy.policy.dane import DANE_TA, DaneAuthority, DaneMismatch, match_chain
 from smtproxy.policy.levels import Level, Policy
+from smtproxy.tls import openssl_ext
 from smtproxy.tls.certificates import parse_peer_certificate, peer_certificate
 from smtproxy.tls.engine import RESULT_TYPES, TlsEngine, TlsHandshakeError
 from smtproxy.tls.openssl_ext import VerifyVerdict
@@ -35,7 +41,7 @@ from smtproxy.tls.openssl_ext import VerifyVerdict
 _NO_CERTIFICATE = ("validation-failure", "no_peer_certificate")
 _HOSTNAME_MISMATCH = ("certificate-host-mismatch", "hostname_mismatch")
 _FINGERPRINT_MISMATCH = ("certificate-not-trusted", "fingerprint_mismatch")
-_DANE_UNSUPPORTED = ("validation-failure", "dane_unsupported")
+_NO_TLSA = ("dane-required", "no_usable_TLSA_records")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -121,9 +127,11 @@ def evaluate_server(engine: TlsEngine, policy: Policy, *, mx_hostname: str, next
     """
     der = engine.ssl_object.getpeercert(binary_form=True)
     if not der:
-        failure = TlsHandshakeError(*_NO_CERTIFICATE) if policy.level.authenticates else None
+        failure = TlsHandshakeError(*_NO_CERTIFICATE) if policy.authenticates else None
         return ServerVerdict(PeerTrust.ANONYMOUS, None, failure)
     certificate = peer_certificate(der)
+    if policy.dane is not None:
+        return _dane_verdict(engine, policy.dane, der, certificate, nexthop=nexthop)
     untrusted = chain_failure(engine.verification.verdicts)
     if policy.level is Level.FINGERPRINT:
         matched, mismatch = _fingerprint_matches(certificate, policy.match), _FINGERPRINT_MISMATCH
@@ -132,8 +140,8 @@ def evaluate_server(engine: TlsEngine, policy: Policy, *, mx_hostname: str, next
         references = reference_names(policy.match_or_default, mx_hostname=mx_hostname, nexthop=nexthop)
         matched = untrusted is None and any(name_matches(n, r) for r in references for n in names)
         mismatch = untrusted or _HOSTNAME_MISMATCH
-    else:  # no name or digest to match; dane-only would need TLSA matching
-        matched, mismatch = False, _DANE_UNSUPPORTED
+    else:  # nothing to match; dane-only without TLSA records never gets this far
+        matched, mismatch = False, _NO_TLSA
     if matched:
         trust = PeerTrust.VERIFIED
     elif untrusted or policy.level in (Level.VERIFY, Level.SECURE):
@@ -142,5 +150,18 @@ def evaluate_server(engine: TlsEngine, policy: Policy, *, mx_hostname: str, next
         trust = PeerTrust.UNTRUSTED
     else:
         trust = PeerTrust.TRUSTED
-    failure = None if matched or not policy.level.authenticates else TlsHandshakeError(*mismatch)
+    failure = None if matched or not policy.authenticates else TlsHandshakeError(*mismatch)
     return ServerVerdict(trust, certificate, failure)
+
+
+def _dane_verdict(engine: TlsEngine, authority: DaneAuthority, der: bytes, certificate: PeerCertificate,
+                  *, nexthop: str) -> ServerVerdict:
+    outcome = match_chain(authority.records, openssl_ext.peer_chain(engine.ssl_object) or [der])
+    if not isinstance(outcome, DaneMismatch) and outcome.record.usage == DANE_TA:
+        names = certificate_names(parse_peer_certificate(der))
+        references = (_normal(authority.base_domain), _normal(nexthop))
+        if not any(name_matches(name, reference) for reference in references for name in names):
+            outcome = DaneMismatch(*_HOSTNAME_MISMATCH)
+    if isinstance(outcome, DaneMismatch):
+        return ServerVerdict(PeerTrust.UNTRUSTED, certificate, TlsHandshakeError(outcome.result_type, outcome.reason))
+    return ServerVerdict(PeerTrust.VERIFIED if authority.name_secure else PeerTrust.TRUSTED, certificate, None)

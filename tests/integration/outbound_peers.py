@@ -38,9 +38,11 @@ class OutboundProxy:
 
 
 def start_outbound_proxy(directory: Path, routes: Mapping[str, str], *, policy: str = "",
-                         dns: Mapping[str, Any] | None = None, **outbound: Any) -> OutboundProxy:
+                         dns: Mapping[str, Any] | None = None, tlsrpt: Mapping[str, Any] | None = None,
+                         **outbound: Any) -> OutboundProxy:
     """`routes` and `policy` become the routes and policy files, `dns` the [dns] table
-    (e.g. {"nameservers": [unbound.nameserver]}), other keywords [outbound] keys."""
+    (e.g. {"nameservers": [unbound.nameserver]}), `tlsrpt` the [tlsrpt] table (default:
+    no socket), other keywords [outbound] keys."""
     directory.mkdir(parents=True)
     (directory / "routes").write_text("".join(f"{key} {value}\n" for key, value in routes.items()))
     (directory / "tls_policy").write_text(policy)
@@ -58,7 +60,7 @@ def start_outbound_proxy(directory: Path, routes: Mapping[str, str], *, policy: 
         },
         **({"dns": dict(dns)} if dns is not None else {}),
         "metrics": {"listen": ""},
-        "tlsrpt": {"socket": ""},
+        "tlsrpt": dict(tlsrpt) if tlsrpt is not None else {"socket": ""},
         "log": {"format": "json", "level": "info"},
     }
     process = SmtproxyProcess(write_config(directory, config)).start()

@@ -124,21 +124,24 @@ def test_a_remote_slow_after_the_final_dot_has_the_data_done_timeout(postfix_fac
     delivered(slow, marker)
 
 
-def test_dane_acts_as_may_and_dane_only_defers_until_dane_lookups_exist(tls_remote, start_outbound):
+def test_dane_without_dnssec_acts_as_may_and_dane_only_defers(tls_remote, start_outbound):
+    """With [dns] dnssec off (the default) no TLSA lookup is made: `dane` is `may`,
+    `dane-only` cannot be met (the DANE cases with a signed zone are in test_dane.py)."""
     route = f"[127.0.0.1]:{tls_remote.port}"
     proxy = start_outbound({REMOTE_DOMAIN: route}, policy=f"{route} dane\n", default_level="none")
     marker = token()
     assert swaks_via(proxy, marker).returncode == 0
     assert "(using TLSv1." in delivered(tls_remote, marker).decode()
-    assert proxy.records("dane: DANE lookups are not implemented yet; using level may")
+    [fallback] = proxy.records("DANE: no usable TLSA records; level dane acts as may")
+    assert fallback["reason"] == "DNSSEC is off ([dns] dnssec = false)"
 
     # the policy table is looked up by nexthop, as Postfix does: here the route's [host]:port
     deferred = start_outbound({"only.test": route}, policy=f"{route} dane-only\n")
     other = token()
     result = swaks_via(deferred, other, "user@only.test")
     assert result.returncode != 0
-    assert "451 4.7.5 only.test: TLS policy dane-only cannot be met" in result.stdout, result.stdout
-    assert deferred.records("dane-only: DANE lookups are not implemented yet; deferring")
+    assert (f"451 4.7.5 dane-only: no usable TLSA records for 127.0.0.1[127.0.0.1]:{tls_remote.port}: "
+            "DNSSEC is off ([dns] dnssec = false)") in result.stdout, result.stdout
     assert not any(other.encode() in m for m in tls_remote.messages())
 
 

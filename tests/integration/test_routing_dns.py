@@ -109,7 +109,7 @@ async def test_equal_preference_shuffle_is_deterministic_with_a_seeded_random(dn
 
 async def test_implicit_mx_uses_the_domains_own_addresses(dns_server):
     assert await resolver(dns_server).exchangers("implicit.test") == (
-        Exchanger("implicit.test", None, ("127.0.2.1", "::1")),
+        Exchanger("implicit.test", None, ("127.0.2.1", "::1"), name_secure=True),
     )
 
 
@@ -176,7 +176,7 @@ async def test_routes_table_overrides_mx(dns_server, tmp_path):
     )
     router = Router(RouteTable.load(path), resolver(dns_server), 25)
     assert await router.route("two.test") == Destination(
-        "[relay.test]:2525", (Target("relay.test", "127.0.5.1", 2525, None),))
+        "[relay.test]:2525", (Target("relay.test", "127.0.5.1", 2525, None, name_secure=True),))
     sub = await router.route("a.two.test")
     assert sub.nexthop == "two.test:587"
     assert [(t.hostname, t.address, t.port) for t in sub.targets] == [

@@ -947,7 +947,7 @@ def test_render_round_trip_of_every_key_changed(tmp_path):
                                  {"sender_domains": ["a.example", ".a.example"], "cert_file": "a.pem",
                                   "key_file": "a.key"},
                                  {"sender_domains": ["b.example"], "cert_file": "b.pem"}]}},
-        "dns": {"nameservers": ["127.0.0.1:5353", "2001:db8::53"], "timeout": 1.5},
+        "dns": {"nameservers": ["127.0.0.1:5353", "2001:db8::53"], "timeout": 1.5, "dnssec": True},
         "tlsrpt": {"socket": 'sock "quoted"\\dir', "skip_reused_handshakes": False},
         "metrics": {"listen": ""},
         "log": {"format": "console", "level": "debug"},

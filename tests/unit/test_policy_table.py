@@ -231,8 +231,8 @@ def test_ca_file_must_exist_and_verify_depth_is_bounded(tmp_path: Path) -> None:
 
 def test_tafile_is_refused_clearly() -> None:
     assert error("example.com verify tafile=/etc/ssl/partner.pem\n") == (
-        f"{PATH} line 1: tafile=/etc/ssl/partner.pem: trust-anchor files are not supported yet (they come "
-        "with DANE); allowed: match=, ciphers=, protocols=, exclude=, servername=, connection_reuse=, "
+        f"{PATH} line 1: tafile=/etc/ssl/partner.pem: trust-anchor files (tafile=) are not supported; "
+        "allowed: match=, ciphers=, protocols=, exclude=, servername=, connection_reuse=, "
         "ca_file=, verify_depth= (verify/secure: ca_file= for a CA file)")
 
 

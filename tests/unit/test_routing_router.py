@@ -133,13 +133,13 @@ async def test_equal_preference_order_does_not_depend_on_answer_order():
 
 async def test_no_mx_means_the_domain_itself_with_no_preference():
     assert await resolver().exchangers("implicit.test") == (
-        Exchanger("implicit.test", None, ("127.0.2.1", "::1")),
+        Exchanger("implicit.test", None, ("127.0.2.1", "::1"), name_secure=True),
     )
 
 
 async def test_domain_cname_is_followed_for_the_implicit_mx():
     exchangers = await resolver().exchangers("cname.test")
-    assert exchangers == (Exchanger("cname.test", None, ("127.0.2.1", "::1")),)
+    assert exchangers == (Exchanger("cname.test", None, ("127.0.2.1", "::1"), name_secure=True),)
 
 
 async def test_null_mx_is_556_5_1_10():
@@ -190,7 +190,7 @@ async def test_a_failed_aaaa_lookup_leaves_the_ipv4_addresses():
 
 async def test_host_lookup_asks_no_mx_and_follows_cnames():
     fake = FakeDns(ZONE)
-    assert await MxResolver(fake).host("relay-alias.test") == Exchanger("relay-alias.test", None, ("127.0.5.1",))
+    assert await MxResolver(fake).host("relay-alias.test") == Exchanger("relay-alias.test", None, ("127.0.5.1",), name_secure=True)
     assert {rdtype for _, rdtype in fake.queries} == {"A", "AAAA"}
 
 
@@ -242,7 +242,8 @@ async def test_ip_literal_route_needs_no_dns():
 async def test_bracketed_host_route_uses_its_addresses_not_its_mx():
     destination = await router("* [implicit.test]\n").route("two.test")
     assert destination == Destination("[implicit.test]", (
-        Target("implicit.test", "127.0.2.1", 25, None), Target("implicit.test", "::1", 25, None)))
+        Target("implicit.test", "127.0.2.1", 25, None, name_secure=True),
+        Target("implicit.test", "::1", 25, None, name_secure=True)))
 
 
 async def test_host_route_uses_the_mx_hosts_of_that_host_and_the_route_port():

@@ -16,6 +16,7 @@ from cryptography.x509.oid import NameOID
 
 from smtproxy.config import OutboundTlsConfig
 from smtproxy.events import Direction, PeerTrust
+from smtproxy.policy.dane import DaneAuthority, Tlsa
 from smtproxy.policy.levels import Level, Policy
 from smtproxy.tls.certificates import colon_hex, parse_peer_certificate
 from smtproxy.tls.client_context import ClientTls
@@ -190,9 +191,94 @@ def test_fingerprint_mismatch_fails(client: ClientTls, ca: trustme.CA) -> None:
     assert failure_of(verdict) == ("certificate-not-trusted", "fingerprint_mismatch")
 
 
-def test_dane_only_fails_closed_without_tlsa_matching(client: ClientTls, ca: trustme.CA) -> None:
+def test_dane_only_without_tlsa_records_fails_closed(client: ClientTls, ca: trustme.CA) -> None:
     verdict = judge(client, Policy(Level.DANE_ONLY), server_context(ca.issue_cert(MX)))
-    assert failure_of(verdict) == ("validation-failure", "dane_unsupported")
+    assert failure_of(verdict) == ("dane-required", "no_usable_TLSA_records")
+
+
+# ------------------------------------------------------------------ DANE (RFC 7672)
+
+
+def spki(certificate: x509.Certificate) -> bytes:
+    return certificate.public_key().public_bytes(serialization.Encoding.DER,
+                                                 serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def leaf_of(cert: trustme.LeafCert) -> x509.Certificate:
+    return x509.load_der_x509_certificate(der_of(cert))
+
+
+def ca_certificate(ca: trustme.CA) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(ca.cert_pem.bytes())
+
+
+def dane(*records: Tlsa, name_secure: bool = True, level: Level = Level.DANE) -> Policy:
+    return Policy(level, dane=DaneAuthority(records, MX, name_secure))
+
+
+def ee(certificate: x509.Certificate, selector: int = 1, mtype: int = 1) -> Tlsa:
+    data = spki(certificate) if selector else certificate.public_bytes(serialization.Encoding.DER)
+    digest = {0: lambda b: b, 1: lambda b: hashlib.sha256(b).digest(), 2: lambda b: hashlib.sha512(b).digest()}
+    return Tlsa(3, selector, mtype, digest[mtype](data))
+
+
+def ta(certificate: x509.Certificate) -> Tlsa:
+    return Tlsa(2, 0, 1, hashlib.sha256(certificate.public_bytes(serialization.Encoding.DER)).digest())
+
+
+@pytest.mark.parametrize(("selector", "mtype"), [(1, 1), (0, 1), (1, 2), (0, 0)])
+def test_dane_ee_match_is_verified_whatever_the_name_chain_or_expiry(selector, mtype, client: ClientTls) -> None:
+    """RFC 7672 3.1.1: a DANE-EE match skips name, chain and expiry checks."""
+    stranger = trustme.CA()  # a CA nobody trusts, a name that is not the MX, and expired
+    cert = expired(stranger, "unrelated.example.net")
+    verdict = judge(client, dane(ee(leaf_of(cert), selector, mtype)), server_context(cert))
+    assert (verdict.trust, verdict.failure) == (PeerTrust.VERIFIED, None)
+
+
+def test_dane_ee_mismatch_fails_as_tlsa_invalid(client: ClientTls, ca: trustme.CA) -> None:
+    other = leaf_of(ca.issue_cert(MX))
+    verdict = judge(client, dane(ee(other)), server_context(ca.issue_cert(MX)))
+    assert failure_of(verdict) == ("tlsa-invalid", "No_matching_DANE_TLSA_records")
+    assert verdict.trust is PeerTrust.UNTRUSTED
+
+
+def test_dane_match_under_an_insecure_mx_name_is_only_trusted(client: ClientTls, ca: trustme.CA) -> None:
+    """Postfix's smtp_tls_dane_insecure_mx_policy = dane: authenticated, but logged
+    Trusted, since the MX host name could have been forged."""
+    cert = ca.issue_cert(MX)
+    verdict = judge(client, dane(ee(leaf_of(cert)), name_secure=False), server_context(cert))
+    assert (verdict.trust, verdict.failure) == (PeerTrust.TRUSTED, None)
+
+
+def test_dane_ta_matches_the_sent_issuer_and_checks_the_name() -> None:
+    root = trustme.CA()
+    intermediate = root.create_child_ca()
+    anchor = ta(ca_certificate(intermediate))
+    client = ClientTls(OutboundTlsConfig(), None)  # the system store: DANE-TA needs no CA file
+    good = judge(client, dane(anchor), server_context(intermediate.issue_cert(MX)))
+    assert (good.trust, good.failure) == (PeerTrust.VERIFIED, None)
+    by_nexthop = judge(client, dane(anchor), server_context(intermediate.issue_cert("*." + DOMAIN)))
+    assert (by_nexthop.trust, by_nexthop.failure) == (PeerTrust.VERIFIED, None)
+    wrong_name = judge(client, dane(anchor), server_context(intermediate.issue_cert("unrelated.example.net")))
+    assert failure_of(wrong_name) == ("certificate-host-mismatch", "hostname_mismatch")
+
+
+def test_dane_ta_checks_expiry_and_ignores_an_anchor_the_leaf_does_not_chain_to() -> None:
+    root = trustme.CA()
+    intermediate = root.create_child_ca()
+    client = ClientTls(OutboundTlsConfig(), None)
+    stale = judge(client, dane(ta(ca_certificate(intermediate))), server_context(expired(intermediate, MX)))
+    assert failure_of(stale) == ("certificate-expired", "certificate_has_expired")
+    unrelated = trustme.CA()
+    verdict = judge(client, dane(ta(ca_certificate(unrelated))), server_context(intermediate.issue_cert(MX)))
+    assert failure_of(verdict) == ("tlsa-invalid", "No_matching_DANE_TLSA_records")
+
+
+def test_dane_ta_of_the_leaf_itself_does_not_authenticate(client: ClientTls, ca: trustme.CA) -> None:
+    """A DANE-TA record names an issuer; the leaf matching it proves nothing about names."""
+    cert = ca.issue_cert("unrelated.example.net")
+    verdict = judge(client, dane(Tlsa(2, 1, 1, hashlib.sha256(spki(leaf_of(cert))).digest())), server_context(cert))
+    assert failure_of(verdict) == ("tlsa-invalid", "No_matching_DANE_TLSA_records")
 
 
 # ------------------------------------------------------------------ trust store and depth

@@ -156,6 +156,20 @@ async def test_starttls_not_supported_where_tls_is_required(collector, level):
     assert datagram["policies"][0]["failure-details"][0]["f"] == "starttls_not_offered"
 
 
+async def test_dane_results_carry_the_tlsa_policy_of_the_mx_host(collector):
+    """Postfix's smtp_tlsrpt_set_dane_policy; a missing STARTTLS counts under `dane` once
+    usable TLSA records made TLS mandatory."""
+    run = reporter_for(collector.path)
+    dane = {"tlsa_base_domain": "mx.example.test", "tlsa_records": ("3 1 1 AB01", "2 0 1 CD02")}
+    await report(run, facts(policy_level="dane", **dane),
+                 facts(failure_type="starttls-not-supported", failure_reason="starttls_not_offered",
+                       policy_level="dane", protocol=None, **dane))
+    success, failure = collector.datagrams()
+    assert success["policies"] == [{"policy-type": 1, "policy-string": ["3 1 1 AB01", "2 0 1 CD02"],
+                                    "policy-domain": "mx.example.test", "t": 0, "f": 0}]
+    assert failure["policies"][0]["failure-details"][0]["c"] == 201
+
+
 async def test_a_handshake_failure_under_may_is_reported(collector):
     run = reporter_for(collector.path)
     await report(run, facts(failure_type="validation-failure", failure_reason="tlsv1_alert_protocol_version",
