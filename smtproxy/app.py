@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import os
 import signal
+import ssl
 from collections.abc import Callable
 
 import structlog
@@ -18,6 +19,7 @@ from smtproxy.outbound.connector import ConnectSettings, Connector
 from smtproxy.outbound.pool import ConnectionPool, PoolLimits
 from smtproxy.outbound.server import OutboundServer
 from smtproxy.policy.ciphers import cipher_problem
+from smtproxy.policy.mta_sts import StsCache, StsPolicies, https_context
 from smtproxy.policy.table import Policies, PolicyTableError
 from smtproxy.routing.mx import make_resolver
 from smtproxy.routing.routes import RouteTable, RouteTableError
@@ -86,8 +88,9 @@ class OutboundParts:
     pool: ConnectionPool
 
 
-def build_outbound_parts(config: Config, bus: EventBus) -> OutboundParts:
-    """Routes, policies, TLS client and caches; StartupError names what is wrong."""
+def build_outbound_parts(config: Config, bus: EventBus, sts: StsPolicies | None = None) -> OutboundParts:
+    """Routes, policies, TLS client and caches; StartupError names what is wrong.  `sts`:
+    the MTA-STS policies to keep (a reload that changed nothing they depend on)."""
     outbound = config.outbound
     try:
         routes = RouteTable.load(outbound.routes_file) if outbound.routes_file else None
@@ -105,8 +108,17 @@ def build_outbound_parts(config: Config, bus: EventBus) -> OutboundParts:
         raise StartupError(f"outbound.tls: cannot load TLS settings: {exc}") from exc
     settings = ConnectSettings(outbound.hostname, outbound.connect_timeout, outbound.handshake_timeout,
                                outbound.reply_timeout, outbound.mx_address_limit, outbound.plaintext_fallback_delay)
+    if not config.mta_sts.enabled:
+        sts = None
+    elif sts is None:
+        try:
+            context = https_context(outbound.ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise StartupError(f"mta_sts: cannot load the CA file {outbound.ca_file}: {exc}") from exc
+        sts = StsPolicies(resolver.dns_resolver, StsCache(config.mta_sts.cache_file), context,
+                          config.mta_sts.fetch_timeout)
     connector = Connector(settings, client_tls, bus, SessionCache(outbound.tls.session_cache_timeout),
-                          resolver.dns_resolver if config.dns.dnssec else None)
+                          resolver.dns_resolver if config.dns.dnssec else None, sts)
     limits = PoolLimits(outbound.connection_cache_time_limit, outbound.connection_reuse_time_limit,
                         outbound.connection_reuse_count_limit, outbound.connection_cache_size,
                         outbound.connection_cache_destination_size, outbound.reply_timeout)
@@ -129,7 +141,7 @@ def reload(config: Config, bus: EventBus, inbound: InboundServer, outbound: Outb
     try:
         new = load_config(config.source)
         server_tls = build_server_tls(new, ticket_keys)
-        parts = build_outbound_parts(new, bus) if outbound is not None else None
+        parts = build_outbound_parts(new, bus, _kept_sts(config, new, outbound)) if outbound is not None else None
     except (ConfigError, StartupError) as exc:
         log.error(f"reload refused, the running configuration stays: {exc}", config=str(config.source))
         return config
@@ -147,6 +159,13 @@ def reload(config: Config, bus: EventBus, inbound: InboundServer, outbound: Outb
         outbound.reload(new.outbound, parts.router, parts.policies, parts.connector, parts.pool)
     log.info("configuration reloaded", config=str(config.source))
     return new
+
+
+def _kept_sts(old: Config, new: Config, outbound: OutboundServer | None) -> StsPolicies | None:
+    """The running MTA-STS policies, when the reload leaves them as they are: a known
+    policy must not lapse because the operator reloaded (cache_file "" keeps them in memory)."""
+    unchanged = (old.mta_sts, old.dns, old.outbound.ca_file) == (new.mta_sts, new.dns, new.outbound.ca_file)
+    return outbound.connector.sts if unchanged and new.mta_sts.enabled and outbound is not None else None
 
 
 def _section(config: Config, dotted: str) -> object:

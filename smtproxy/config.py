@@ -839,6 +839,14 @@ class DnsConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MtaStsConfig:
+    enabled: bool = _key(Flag(), True)
+    # policies survive restarts and are shared by workers there; "": in memory only
+    cache_file: Path | None = _key(FilePath(optional=True, must_exist=False, what="a SQLite file path"), None)
+    fetch_timeout: float = _key(Seconds(), 30.0)
+
+
+@dataclasses.dataclass(frozen=True)
 class TlsrptConfig:
     socket: str = _key(SocketPath(), "/run/tlsrpt/collectd.sock")
     skip_reused_handshakes: bool = _key(Flag(), True)
@@ -860,6 +868,7 @@ class Config:
     inbound: InboundConfig = _key(Table(InboundConfig), default_factory=InboundConfig)
     outbound: OutboundConfig = _key(Table(OutboundConfig), default_factory=OutboundConfig)
     dns: DnsConfig = _key(Table(DnsConfig), default_factory=DnsConfig)
+    mta_sts: MtaStsConfig = _key(Table(MtaStsConfig), default_factory=MtaStsConfig)
     tlsrpt: TlsrptConfig = _key(Table(TlsrptConfig), default_factory=TlsrptConfig)
     metrics: MetricsConfig = _key(Table(MetricsConfig), default_factory=MetricsConfig)
     log: LogConfig = _key(Table(LogConfig), default_factory=LogConfig)

@@ -75,8 +75,15 @@ class HandshakeFacts:
     local_addr: str | None = None  # sending-mta-ip
     peer_helo: str | None = None  # the remote's EHLO reply before STARTTLS, CRLF-joined (receiving-mx-helo)
     policy_level: str | None = None  # the TLS security level the attempt was made under
-    tlsa_base_domain: str | None = None  # DANE: the MX host whose TLSA records applied (TLSRPT policy-domain)
-    tlsa_records: tuple[str, ...] = ()  # DANE: those records, presentation form (TLSRPT policy-string)
+    # the TLSRPT policy the attempt was made under: "tlsa" (DANE) or "sts" (MTA-STS);
+    # None: no-policy-found.  Its policy-domain, policy-strings and mx-host patterns.
+    tlsrpt_policy_type: str | None = None
+    tlsrpt_policy_domain: str | None = None
+    tlsrpt_policy_strings: tuple[str, ...] = ()
+    tlsrpt_mx_hosts: tuple[str, ...] = ()
+    # MTA-STS testing: (result type, reason) of what enforce would have refused, reported to
+    # TLSRPT as a failure while the handshake counts as the success it was everywhere else
+    tlsrpt_failure: tuple[str, str] | None = None
 
     @property
     def ok(self) -> bool:

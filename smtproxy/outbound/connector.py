@@ -32,12 +32,13 @@ from smtproxy.outbound.fallback import PlaintextFallback
 from smtproxy.outbound.upstream import UpstreamConnection, UpstreamError
 from smtproxy.policy.dane import DaneAuthority, TlsaLookup, TlsaStatus, lookup_tlsa, tlsa_name
 from smtproxy.policy.levels import Level, Policy, PolicyDecision
+from smtproxy.policy.mta_sts import StsError, StsPolicies, StsPolicy
 from smtproxy.routing.router import Destination, Target
 from smtproxy.routing.routes import address_literal
 from smtproxy.smtp import EhloReply, Reply
 from smtproxy.tls import openssl_ext
 from smtproxy.tls.client_context import ClientCertificate, ClientTls
-from smtproxy.tls.engine import TlsHandshakeError
+from smtproxy.tls.engine import TlsEngine, TlsHandshakeError
 from smtproxy.tls.facts import build_facts
 from smtproxy.tls.session_cache import SessionCache
 from smtproxy.tls.verify import evaluate_server
@@ -130,17 +131,29 @@ def nexthop_name(nexthop: str) -> str:
 _DANE_LEVELS = (Level.DANE, Level.DANE_ONLY)
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class _HostContext:
+    """What one delivery attempt knows about all its hosts: TLSA lookups made so far, and
+    the domain's MTA-STS policy (None: none applies)."""
+
+    lookups: dict[tuple[str, int], TlsaLookup]
+    sts: StsPolicy | None
+
+
 class Connector:
     """`resolver`: for TLSA lookups (the routing resolver, DO bit set); None: DNSSEC is off,
-    so no TLSA lookups (`dane` acts as `may`, `dane-only` defers)."""
+    so no TLSA lookups (`dane` acts as `may`, `dane-only` defers).  `sts`: MTA-STS
+    policies; None: MTA-STS is off."""
 
     def __init__(self, settings: ConnectSettings, client_tls: ClientTls, bus: EventBus,
-                 sessions: SessionCache, resolver: dns.asyncresolver.Resolver | None = None) -> None:
+                 sessions: SessionCache, resolver: dns.asyncresolver.Resolver | None = None,
+                 sts: StsPolicies | None = None) -> None:
         self.settings = settings
         self.client_tls = client_tls
         self.bus = bus
         self.sessions = sessions
         self.resolver = resolver
+        self.sts = sts
         self.fallback = PlaintextFallback(settings.plaintext_fallback_delay)
 
     def remember_session(self, remote: RemoteSession) -> None:
@@ -160,9 +173,11 @@ class Connector:
         failures: list[_Failure] = []
         limit = self.settings.mx_address_limit
         lookups: dict[tuple[str, int], TlsaLookup] = {}
+        sts = await self._sts_policy(domain, destination, decision)
         for target in destination.targets[:limit] if limit else destination.targets:
             try:
-                return await self._try_target(domain, destination.nexthop, target, decision, certificate, lookups)
+                return await self._try_target(domain, destination.nexthop, target, decision, certificate,
+                                              _HostContext(lookups, sts))
             except _TryNext as exc:
                 failures.append(exc.failure)
             log.info("delivery attempt failed", domain=domain, peer=f"{target.hostname}[{target.address}]",
@@ -174,10 +189,26 @@ class Connector:
             raise DeliveryFailure(Reply.of(451, "4.7.5", policy_failures[-1].text))
         raise DeliveryFailure(Reply.of(451, "4.4.1", failures[-1].text))
 
+    async def _sts_policy(self, domain: str, destination: Destination, decision: PolicyDecision) -> StsPolicy | None:
+        """The MTA-STS policy of the recipient domain, where it can apply: no table entry
+        (DESIGN.md: the table, then DANE, then MTA-STS), a default level other than
+        `none`, and the domain's own MX hosts as the destination (no route elsewhere)."""
+        if (self.sts is None or decision.source != "default_level" or decision.policy.level is Level.NONE
+                or destination.nexthop != domain):
+            return None
+        try:
+            policy = await self.sts.policy_for(domain)
+        except StsError:  # logged; as RFC 8461 5.1 says: then as if there were no policy
+            return None
+        if policy is None or policy.mode == "none":
+            return None
+        log.info("MTA-STS: policy applies", domain=domain, policy_id=policy.policy_id, mode=policy.mode,
+                 mx=list(policy.mx))
+        return policy
+
     async def _try_target(self, domain: str, nexthop: str, target: Target, decision: PolicyDecision,
-                          certificate: ClientCertificate | None,
-                          lookups: dict[tuple[str, int], TlsaLookup]) -> RemoteSession:
-        policy = await self._host_policy(nexthop, target, decision, lookups)
+                          certificate: ClientCertificate | None, context: _HostContext) -> RemoteSession:
+        policy = await self._host_policy(nexthop, target, decision, context)
         try:
             return await self._attempt(domain, nexthop, target, policy, certificate, use_tls=True)
         except _RetryInPlaintext as failed:
@@ -188,13 +219,42 @@ class Connector:
             return await self._attempt(domain, nexthop, target, policy, certificate, use_tls=False)
 
     async def _host_policy(self, nexthop: str, target: Target, decision: PolicyDecision,
-                           lookups: dict[tuple[str, int], TlsaLookup]) -> Policy:
-        """The policy for this one host once its TLSA records are known (module docstring)."""
+                           context: _HostContext) -> Policy:
+        """The policy for this one host: DANE's if its TLSA records say anything, else the
+        domain's MTA-STS policy (module docstring), else the decision's."""
         policy = decision.policy
-        dane_level = policy.level in _DANE_LEVELS
+        sts = context.sts
+        if sts is not None and sts.mode == "enforce" and not sts.allows(target.hostname):
+            # first: DANE records of a host the policy does not list must not let it in
+            self._publish_failure(nexthop, target, None, None, dataclasses.replace(policy, sts=sts),
+                                  "validation-failure", "mx_not_in_policy")
+            raise _TryNext(_Failure(f"MX host {target.hostname} is not in the MTA-STS policy of {sts.domain} "
+                                    f"(mx: {', '.join(sts.mx)})", policy=True))
         by_default = decision.source == "default_level" and policy.level is not Level.NONE
-        if not (dane_level or (by_default and self.resolver is not None)):
-            return policy
+        if policy.level in _DANE_LEVELS or (by_default and self.resolver is not None):
+            by_dane = await self._dane_policy(nexthop, target, policy, context.lookups)
+            if by_dane is not None and (by_dane.dane is not None or sts is None):
+                return by_dane
+            policy = by_dane or policy  # unusable TLSA records (encrypt): MTA-STS may ask for more
+        if sts is not None:
+            return self._sts_host_policy(policy, sts)
+        return policy
+
+    def _sts_host_policy(self, policy: Policy, sts: StsPolicy) -> Policy:
+        """RFC 8461 4 for a listed host: `enforce` wants TLS 1.2 or later and a trusted
+        certificate for the host name (level verify, match=hostname; a stricter level
+        stays); `testing` only reports what enforce would have refused."""
+        if sts.mode == "testing":
+            return dataclasses.replace(policy, sts=sts)
+        minimum = max(policy.min_protocol or self.client_tls.config.min_protocol, "TLSv1.2")  # the names sort
+        if policy.level in (Level.FINGERPRINT, Level.VERIFY, Level.SECURE):
+            return dataclasses.replace(policy, min_protocol=minimum, sts=sts)
+        return dataclasses.replace(policy, level=Level.VERIFY, match=("hostname",), min_protocol=minimum, sts=sts)
+
+    async def _dane_policy(self, nexthop: str, target: Target, policy: Policy,
+                           lookups: dict[tuple[str, int], TlsaLookup]) -> Policy | None:
+        """The policy once this host's TLSA records are known; None: they change nothing."""
+        dane_level = policy.level in _DANE_LEVELS
         where = f"{target.hostname}[{target.address}]:{target.port}"
         if self.resolver is None:
             lookup = TlsaLookup(TlsaStatus.NONE, tlsa_name(target.hostname, target.port),
@@ -225,7 +285,7 @@ class Connector:
             return dataclasses.replace(policy, level=Level.ENCRYPT)
         if dane_level:
             log.info("DANE: no usable TLSA records; level dane acts as may", peer=where, reason=lookup.reason)
-        return policy
+        return None
 
     async def _attempt(self, domain: str, nexthop: str, target: Target, policy: Policy,
                        certificate: ClientCertificate | None, *, use_tls: bool) -> RemoteSession:
@@ -249,10 +309,12 @@ class Connector:
                                                   certificate)
                     if facts is not None:
                         ehlo = await self._ehlo(connection, where, policy)
-                elif policy.tls_required:
+                elif policy.tls_required or policy.sts is not None:
                     self._publish_failure(nexthop, target, connection, helo, policy,
                                           "starttls-not-supported", "starttls_not_offered")
-                    raise _TryNext(_Failure(f"TLS is required, but was not offered by host {where}", policy=True))
+                    if policy.tls_required:
+                        raise _TryNext(_Failure(f"TLS is required, but was not offered by host {where}",
+                                                policy=True))
             return RemoteSession(connection, target, nexthop, policy, ehlo, facts, client_certificate=certificate)
         except UpstreamError as exc:
             connection.abort()
@@ -318,7 +380,9 @@ class Connector:
                         peer_certificate=verdict.certificate,
                         local_key_detail=self.client_tls.local_key_detail(certificate)),
             domain=tlsrpt_domain(nexthop), local_addr=self._local_addr(connection), peer_helo=helo,
-            policy_level=str(policy.level), **_dane_facts(policy))
+            policy_level=str(policy.level), **_policy_facts(policy))
+        if verdict.failure is None and policy.sts is not None and policy.sts.mode == "testing":
+            facts = self._testing_report(facts, engine, policy, target, nexthop)
         if verdict.failure is not None:
             self.sessions.discard(session_key)
             failed = dataclasses.replace(facts, failure_type=verdict.failure.failure_type,
@@ -356,13 +420,32 @@ class Connector:
             direction=Direction.OUTBOUND, peer_name=target.hostname, peer_addr=target.address,
             peer_port=target.port, duration=duration, failure_type=failure_type, failure_reason=reason,
             domain=tlsrpt_domain(nexthop), local_addr=self._local_addr(connection), peer_helo=helo,
-            policy_level=str(policy.level), **_dane_facts(policy)))
+            policy_level=str(policy.level), **_policy_facts(policy)))
+
+    @staticmethod
+    def _testing_report(facts: HandshakeFacts, engine: TlsEngine, policy: Policy, target: Target,
+                        nexthop: str) -> HandshakeFacts:
+        """MTA-STS `testing`: the facts carry what `enforce` would have refused, for TLSRPT
+        only; the handshake itself succeeded, and the mail goes on under the level it has."""
+        enforced = dataclasses.replace(policy, level=Level.VERIFY, match=("hostname",))
+        verdict = evaluate_server(engine, enforced, mx_hostname=target.hostname, nexthop=nexthop_name(nexthop))
+        if verdict.failure is None:
+            return facts
+        log.warning(f"MTA-STS testing: {target.hostname}[{target.address}] would be refused under enforce: "
+                    f"{verdict.failure.reason}", domain=policy.sts.domain if policy.sts else None)
+        return dataclasses.replace(facts, tlsrpt_failure=(verdict.failure.failure_type, verdict.failure.reason))
 
 
-def _dane_facts(policy: Policy) -> dict[str, object]:
-    if policy.dane is None:
-        return {}
-    return {"tlsa_base_domain": policy.dane.base_domain, "tlsa_records": policy.dane.policy_strings}
+def _policy_facts(policy: Policy) -> dict[str, object]:
+    """The TLSRPT policy fields of `HandshakeFacts`: DANE's TLSA records for the MX host
+    (Postfix's smtp_tlsrpt_set_dane_policy), or the domain's MTA-STS policy."""
+    if policy.dane is not None:
+        return {"tlsrpt_policy_type": "tlsa", "tlsrpt_policy_domain": policy.dane.base_domain,
+                "tlsrpt_policy_strings": policy.dane.policy_strings}
+    if policy.sts is not None:
+        return {"tlsrpt_policy_type": "sts", "tlsrpt_policy_domain": policy.sts.domain,
+                "tlsrpt_policy_strings": policy.sts.lines, "tlsrpt_mx_hosts": policy.sts.mx}
+    return {}
 
 
 def tlsrpt_domain(nexthop: str) -> str | None:

@@ -168,7 +168,11 @@ class OutboundServer:
         except DeliveryFailure:
             self.bus.publish(PolicyApplied(level, decision.source, "deferred"))
             raise
-        source = "dane" if remote.policy.dane is not None and decision.source == "default_level" else decision.source
+        source = decision.source
+        if decision.source == "default_level" and remote.policy.dane is not None:
+            source = "dane"
+        elif decision.source == "default_level" and remote.policy.sts is not None and remote.policy.sts.mode == "enforce":
+            source = "mta-sts"
         self.bus.publish(PolicyApplied(str(remote.policy.level), source, "tls" if remote.facts else "plaintext"))
         return remote
 

@@ -12,6 +12,7 @@ import enum
 from pathlib import Path
 
 from smtproxy.policy.dane import DaneAuthority
+from smtproxy.policy.mta_sts import StsPolicy
 
 
 class Level(enum.StrEnum):
@@ -62,7 +63,9 @@ class Policy:
     `servername`: SNI; ``hostname`` (the MX host name, default), ``nexthop`` or a literal
     name.  `ca_file`/`verify_depth`: s/qmail's per-destination trust.  `dane`: set by
     the connector for one MX host when its usable TLSA records make TLS mandatory and
-    authenticate the server (levels `dane` and `dane-only`), never by a table.
+    authenticate the server (levels `dane` and `dane-only`), never by a table.  `sts`: set by
+    the connector for a host under the domain's MTA-STS policy (level verify for `enforce`,
+    the level as it was for `testing`), for TLSRPT and for caching under that policy.
     """
 
     level: Level
@@ -76,6 +79,7 @@ class Policy:
     ca_file: Path | None = None
     verify_depth: int | None = None
     dane: DaneAuthority | None = None
+    sts: StsPolicy | None = None
 
     @property
     def tls_wanted(self) -> bool:

@@ -48,20 +48,23 @@ def reportable(facts: HandshakeFacts, skip_resumed: bool) -> bool:
     if facts.resumed and skip_resumed:
         return False
     if facts.failure_type == "starttls-not-supported" and facts.policy_level is not None:
-        return bool(facts.tlsa_records) or Level(facts.policy_level).tls_required
+        return facts.tlsrpt_policy_type is not None or Level(facts.policy_level).tls_required
     return True
 
 
 def tlsrpt_result(facts: HandshakeFacts, domain: str, record: str) -> TlsrptResult:
     """The result for `domain` (its A-label) under its TLSRPT `record`."""
     failure = None
-    if facts.failure_type is not None:
+    failure_type, reason = (facts.failure_type, facts.failure_reason) if facts.failure_type else (
+        facts.tlsrpt_failure or (None, None))
+    if failure_type is not None:
         failure = TlsrptFailure(
-            result_type=facts.failure_type, sending_mta_ip=facts.local_addr,
+            result_type=failure_type, sending_mta_ip=facts.local_addr,
             receiving_mx_hostname=facts.peer_name, receiving_mx_helo=facts.peer_helo,
-            receiving_ip=facts.peer_addr, failure_reason_code=facts.failure_reason)
-    if facts.tlsa_records:
-        policy = TlsrptPolicy("tlsa", facts.tlsa_base_domain, facts.tlsa_records)
+            receiving_ip=facts.peer_addr, failure_reason_code=reason)
+    if facts.tlsrpt_policy_type is not None:
+        policy = TlsrptPolicy(facts.tlsrpt_policy_type, facts.tlsrpt_policy_domain, facts.tlsrpt_policy_strings,
+                              facts.tlsrpt_mx_hosts)
     else:
         policy = TlsrptPolicy("no-policy-found", domain)
     return TlsrptResult(domain, record, policy, failure)

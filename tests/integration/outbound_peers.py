@@ -6,6 +6,7 @@ The `start_outbound` and `remote_pki` fixtures (tests/integration/conftest.py) b
 from __future__ import annotations
 
 import dataclasses
+import urllib.request
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -39,10 +40,12 @@ class OutboundProxy:
 
 def start_outbound_proxy(directory: Path, routes: Mapping[str, str], *, policy: str = "",
                          dns: Mapping[str, Any] | None = None, tlsrpt: Mapping[str, Any] | None = None,
+                         mta_sts: Mapping[str, Any] | None = None, metrics_port: int | None = None,
                          **outbound: Any) -> OutboundProxy:
     """`routes` and `policy` become the routes and policy files, `dns` the [dns] table
     (e.g. {"nameservers": [unbound.nameserver]}), `tlsrpt` the [tlsrpt] table (default:
-    no socket), other keywords [outbound] keys."""
+    no socket), `mta_sts` the [mta_sts] table, `metrics_port` the port of /metrics on
+    127.0.0.1 (default: none), other keywords [outbound] keys."""
     directory.mkdir(parents=True)
     (directory / "routes").write_text("".join(f"{key} {value}\n" for key, value in routes.items()))
     (directory / "tls_policy").write_text(policy)
@@ -59,7 +62,8 @@ def start_outbound_proxy(directory: Path, routes: Mapping[str, str], *, policy: 
             **outbound,
         },
         **({"dns": dict(dns)} if dns is not None else {}),
-        "metrics": {"listen": ""},
+        **({"mta_sts": dict(mta_sts)} if mta_sts is not None else {}),
+        "metrics": {"listen": f"127.0.0.1:{metrics_port}" if metrics_port else ""},
         "tlsrpt": dict(tlsrpt) if tlsrpt is not None else {"socket": ""},
         "log": {"format": "json", "level": "info"},
     }
@@ -70,6 +74,14 @@ def start_outbound_proxy(directory: Path, routes: Mapping[str, str], *, policy: 
         process.stop()
         raise
     return OutboundProxy(process, port)
+
+
+def metric_samples(port: int, name: str) -> dict[str, float]:
+    """The samples of `name` on 127.0.0.1:`port`/metrics, by their label text."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        lines = response.read().decode().splitlines()
+    return {line[len(name):].rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in lines if line.startswith(name + "{")}
 
 
 def token() -> str:

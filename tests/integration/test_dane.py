@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.dns_server import Unbound, requires_unbound
-from tests.integration.outbound_peers import OutboundProxy, delivered, swaks_via, token
+from tests.integration.outbound_peers import OutboundProxy, delivered, metric_samples, swaks_via, token
 from tests.integration.peers import CertFiles, Pki, PostfixInstance, free_port, postfix_tls_server_params, wait_until
 from tests.integration.test_tlsrpt import Collector
 
@@ -156,10 +156,14 @@ def received_tls(message: bytes) -> bool:
 def test_dane_ee_match_delivers_verified(policy, start_outbound, remotes, dns_server):
     """Usable TLSA records authenticate the MX host, also when no table entry names the
     destination (DESIGN.md: the table, then DANE, then the default level)."""
-    proxy = outbound(start_outbound, remotes, dns_server, policy)
+    metrics = free_port()
+    proxy = outbound(start_outbound, remotes, dns_server, policy, metrics_port=metrics)
     marker, result = send(proxy, "good.dane.test")
     assert result.returncode == 0, result.stdout
     assert received_tls(delivered(remotes.tls, marker))
+    level, source = ("may", "dane") if not policy else (policy.split()[1], "policy_file")
+    assert metric_samples(metrics, "smtproxy_policy_decisions_total") == {
+        f'{{level="{level}",outcome="tls",source="{source}"}}': 1.0}
     [applied] = proxy.records("DANE: TLSA records apply")
     assert applied["tlsa"] == [f"3 1 1 {spki_digest(remotes.cert)}"] and applied["mx_secure"] is True
     assert events(proxy, " TLS connection established to ")[0].startswith(

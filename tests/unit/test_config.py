@@ -24,6 +24,7 @@ from smtproxy.config import (
     InboundTlsConfig,
     LogConfig,
     MetricsConfig,
+    MtaStsConfig,
     OutboundConfig,
     OutboundTlsConfig,
     SenderCertificateConfig,
@@ -1052,7 +1053,7 @@ def docs_tables() -> dict[str, dict[str, str]]:
 SECTIONS = {
     "inbound": InboundConfig, "inbound.certificates": CertificateConfig, "inbound.tls": InboundTlsConfig,
     "outbound": OutboundConfig, "outbound.tls": OutboundTlsConfig,
-    "outbound.tls.sender_certificates": SenderCertificateConfig, "dns": DnsConfig,
+    "outbound.tls.sender_certificates": SenderCertificateConfig, "dns": DnsConfig, "mta_sts": MtaStsConfig,
     "tlsrpt": TlsrptConfig, "metrics": MetricsConfig, "log": LogConfig,
 }
 

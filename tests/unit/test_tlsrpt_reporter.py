@@ -160,7 +160,8 @@ async def test_dane_results_carry_the_tlsa_policy_of_the_mx_host(collector):
     """Postfix's smtp_tlsrpt_set_dane_policy; a missing STARTTLS counts under `dane` once
     usable TLSA records made TLS mandatory."""
     run = reporter_for(collector.path)
-    dane = {"tlsa_base_domain": "mx.example.test", "tlsa_records": ("3 1 1 AB01", "2 0 1 CD02")}
+    dane = {"tlsrpt_policy_type": "tlsa", "tlsrpt_policy_domain": "mx.example.test",
+            "tlsrpt_policy_strings": ("3 1 1 AB01", "2 0 1 CD02")}
     await report(run, facts(policy_level="dane", **dane),
                  facts(failure_type="starttls-not-supported", failure_reason="starttls_not_offered",
                        policy_level="dane", protocol=None, **dane))
