@@ -156,7 +156,10 @@ def reload(config: Config, bus: EventBus, inbound: InboundServer, outbound: Outb
         log.warning("changed settings that take effect on restart only", keys=restart_only)
     inbound.reload(new.inbound, server_tls)
     if outbound is not None and parts is not None:
+        replaced = outbound.connector.sts
         outbound.reload(new.outbound, parts.router, parts.policies, parts.connector, parts.pool)
+        if replaced is not None and replaced is not parts.connector.sts:
+            replaced.cache.close()
     log.info("configuration reloaded", config=str(config.source))
     return new
 

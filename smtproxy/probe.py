@@ -51,6 +51,12 @@ async def probe(config: Config, domain: str, level: str | None, sender: str) -> 
     except DeliveryFailure as exc:
         print(f"no acceptable connection: {exc.reply.code} {exc.reply.text}")
         return 1
+    if remote.policy.dane is not None:
+        print(f"DANE: {remote.target.hostname} authenticated by TLSA {', '.join(remote.policy.dane.policy_strings)}")
+    elif remote.policy.sts is not None:
+        sts = remote.policy.sts
+        print(f"MTA-STS: {sts.domain} policy {sts.policy_id}, mode {sts.mode}, mx {', '.join(sts.mx)}: "
+              f"level {remote.policy.level}")
     if remote.facts is None:
         print(f"plaintext connection to {remote.peer} (the level allows it)")
     print("\n".join(f"  {line}" for line in remote.ehlo.to_reply().lines))

@@ -7,7 +7,7 @@ records) falls back to plaintext (DESIGN.md invariant 4), after a failed handsha
 `PlaintextFallback` allows.  Every handshake, and every failure to get one that the level
 cared about, is published as one `HandshakeFacts`.
 
-DANE (DESIGN.md: table, then DANE, then the default level), only with `[dns] dnssec = true`
+DANE (DESIGN.md: table, then DANE, then MTA-STS, then the default level), only with `[dns] dnssec = true`
 (Postfix's smtp_dns_support_level = dnssec): each MX host's TLSA records are looked up when
 its level is `dane` or `dane-only`, and when no table entry names the destination and the
 default level is not `none` — then usable records outrank the default level.  Per
@@ -15,6 +15,12 @@ host (policy/dane.py): usable records make TLS mandatory and authenticate the se
 validated but unusable ones make TLS mandatory (Postfix: `encrypt`); a failed lookup
 skips the host; none leave the level as it is (`dane` acting as `may`), except that
 `dane-only` skips the host.  Lookups need validated address records (RFC 7672 2.2.2).
+
+MTA-STS (policy/mta_sts.py) under the same conditions as DANE's default-level lookups, for
+the recipient domain's own MX hosts: under `enforce` a host the policy does not list is
+skipped whatever its TLSA records; a listed one without usable TLSA records gets level
+`verify` with match=hostname and TLS 1.2 or later (a stricter level stays); under
+`testing` the mail goes as it would, and TLSRPT hears what `enforce` would have refused.
 """
 
 from __future__ import annotations
@@ -221,7 +227,7 @@ class Connector:
     async def _host_policy(self, nexthop: str, target: Target, decision: PolicyDecision,
                            context: _HostContext) -> Policy:
         """The policy for this one host: DANE's if its TLSA records say anything, else the
-        domain's MTA-STS policy (module docstring), else the decision's."""
+        domain's MTA-STS policy, else the decision's (module docstring)."""
         policy = decision.policy
         sts = context.sts
         if sts is not None and sts.mode == "enforce" and not sts.allows(target.hostname):
@@ -422,18 +428,26 @@ class Connector:
             domain=tlsrpt_domain(nexthop), local_addr=self._local_addr(connection), peer_helo=helo,
             policy_level=str(policy.level), **_policy_facts(policy)))
 
-    @staticmethod
-    def _testing_report(facts: HandshakeFacts, engine: TlsEngine, policy: Policy, target: Target,
+    def _testing_report(self, facts: HandshakeFacts, engine: TlsEngine, policy: Policy, target: Target,
                         nexthop: str) -> HandshakeFacts:
         """MTA-STS `testing`: the facts carry what `enforce` would have refused, for TLSRPT
         only; the handshake itself succeeded, and the mail goes on under the level it has."""
-        enforced = dataclasses.replace(policy, level=Level.VERIFY, match=("hostname",))
-        verdict = evaluate_server(engine, enforced, mx_hostname=target.hostname, nexthop=nexthop_name(nexthop))
-        if verdict.failure is None:
+        assert policy.sts is not None
+        enforced = self._sts_host_policy(dataclasses.replace(policy, sts=None),
+                                         dataclasses.replace(policy.sts, mode="enforce"))
+        failure: tuple[str, str] | None = None
+        protocol = engine.ssl_object.version() or ""
+        if enforced.min_protocol and protocol < enforced.min_protocol:  # the names sort
+            failure = ("validation-failure", f"{protocol}_below_{enforced.min_protocol}")
+        else:
+            verdict = evaluate_server(engine, enforced, mx_hostname=target.hostname, nexthop=nexthop_name(nexthop))
+            if verdict.failure is not None:
+                failure = (verdict.failure.failure_type, verdict.failure.reason)
+        if failure is None:
             return facts
         log.warning(f"MTA-STS testing: {target.hostname}[{target.address}] would be refused under enforce: "
-                    f"{verdict.failure.reason}", domain=policy.sts.domain if policy.sts else None)
-        return dataclasses.replace(facts, tlsrpt_failure=(verdict.failure.failure_type, verdict.failure.reason))
+                    f"{failure[1]}", domain=policy.sts.domain)
+        return dataclasses.replace(facts, tlsrpt_failure=failure)
 
 
 def _policy_facts(policy: Policy) -> dict[str, object]:

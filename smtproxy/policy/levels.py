@@ -2,7 +2,9 @@
 
 A `Policy` is frozen and hashable: connections and TLS sessions are cached under it, so a
 cached connection is only ever reused for a destination with an identical policy
-(DESIGN.md invariant 5).
+(DESIGN.md invariant 5) — the destination's policy as the table or default level gives it:
+what DANE and MTA-STS add per host is part of a TLS session's key, but a cached connection
+is reused (within connection_reuse_time_limit) without looking them up again.
 """
 
 from __future__ import annotations
@@ -11,8 +13,12 @@ import dataclasses
 import enum
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from smtproxy.policy.dane import DaneAuthority
-from smtproxy.policy.mta_sts import StsPolicy
+
+if TYPE_CHECKING:  # the value only; mta_sts.py brings an HTTP client and SQLite with it
+    from smtproxy.policy.mta_sts import StsPolicy
 
 
 class Level(enum.StrEnum):

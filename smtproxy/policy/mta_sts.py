@@ -131,6 +131,7 @@ class StsCache:
         self.path = path
         self._memory: dict[str, tuple[StsPolicy, float]] = {}
         self._db: sqlite3.Connection | None = None
+        self._reopen_at = 0.0  # after a file that could not be opened: not before then
         self._lock = threading.Lock()
 
     async def get(self, domain: str, now: float) -> StsPolicy | None:
@@ -162,11 +163,19 @@ class StsCache:
 
     def _execute(self, sql: str, parameters: tuple) -> tuple | None:
         with self._lock:
-            try:
-                if self._db is None:
+            if self._db is None:
+                if time.monotonic() < self._reopen_at:
+                    return None
+                try:
                     self._db = _open(self.path)
+                except (OSError, sqlite3.Error) as error:
+                    self._reopen_at = time.monotonic() + REOPEN_DELAY
+                    log.warning(f"MTA-STS: cannot open the policy cache {self.path}: {error}; policies are kept "
+                                f"in memory, the file is tried again in {REOPEN_DELAY:g} s")
+                    return None
+            try:
                 return self._db.execute(sql, parameters).fetchone()
-            except (OSError, sqlite3.Error) as error:
+            except sqlite3.Error as error:
                 log.warning(f"MTA-STS: policy cache {self.path}: {error}; the policy is kept in memory")
                 return None
 
@@ -175,6 +184,9 @@ class StsCache:
             if self._db is not None:
                 self._db.close()
                 self._db = None
+
+
+REOPEN_DELAY = 60.0
 
 
 def _open(path: Path) -> sqlite3.Connection:
@@ -206,6 +218,7 @@ class StsPolicies:
         self.context = context
         self.fetch_timeout = fetch_timeout
         self._failed: dict[tuple[str, str], tuple[float, StsError]] = {}  # (domain, id) -> (until, why)
+        self._fetching: dict[tuple[str, str], asyncio.Task[StsPolicy]] = {}  # one fetch per policy at a time
         self.port = 443  # RFC 8461 3.3; tests point it elsewhere
 
     async def policy_for(self, domain: str) -> StsPolicy | None:
@@ -217,13 +230,32 @@ class StsPolicies:
         if policy_id is None or (cached is not None and cached.policy_id == policy_id):
             return cached
         try:
-            policy, body = await self._fetch(domain, policy_id, now)
+            return await asyncio.shield(self._fetch_once(domain, policy_id, now))
         except StsError as error:
             if cached is None:
                 raise
             log.warning("MTA-STS: keeping the cached policy", domain=domain, policy_id=cached.policy_id,
                         reason=error.reason)
             return cached
+
+    def _fetch_once(self, domain: str, policy_id: str, now: float) -> asyncio.Task[StsPolicy]:
+        """The fetch of this policy under way, or a new one: deliveries to one domain that
+        start together wait for one fetch, not one each."""
+        key = (domain, policy_id)
+        task = self._fetching.get(key)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._fetch_and_keep(domain, policy_id, now))
+            self._fetching[key] = task
+            task.add_done_callback(lambda done: self._fetched(key, done))
+        return task
+
+    def _fetched(self, key: tuple[str, str], task: asyncio.Task[StsPolicy]) -> None:
+        del self._fetching[key]
+        if not task.cancelled():
+            task.exception()  # retrieved: when every waiter was cancelled, nobody else would
+
+    async def _fetch_and_keep(self, domain: str, policy_id: str, now: float) -> StsPolicy:
+        policy, body = await self._fetch(domain, policy_id, now)
         await self.cache.put(policy, body, now + policy.max_age)
         log.info("MTA-STS: policy fetched", domain=domain, policy_id=policy_id, mode=policy.mode,
                  mx=list(policy.mx), max_age=policy.max_age)
@@ -251,6 +283,7 @@ class StsPolicies:
             error = StsError("sts-policy-fetch-error", f"no policy within {self.fetch_timeout:g} s")
         except StsError as failed:
             error = failed
+        self._failed = {key: value for key, value in self._failed.items() if value[0] > now}
         self._failed[(domain, policy_id)] = (now + FETCH_RETRY, error)
         log.warning("MTA-STS: no policy", domain=domain, policy_id=policy_id, result_type=error.result_type,
                     reason=error.reason)

@@ -2,12 +2,14 @@
 for sys4's tlsrpt-collectd, as Postfix 3.10 sends them through libtlsrpt.
 
 What is reported (Postfix's rules, smtp_tlsrpt.c): one final result per new connection,
-success or the failure the connector met; never for a reused cached connection; for a
-resumed TLS session only with `skip_reused_handshakes = false`; starttls-not-supported
-only where the level requires TLS; never about `[host]` nexthops and address literals
+success or the failure the connector met (under MTA-STS `testing`, what `enforce` would
+have refused); never for a reused cached connection; for a resumed TLS session only with
+`skip_reused_handshakes = false`; starttls-not-supported only where the level requires TLS
+or a DANE or MTA-STS policy applied; never about `[host]` nexthops and address literals
 (`HandshakeFacts.domain` is None); and only to domains whose `_smtp._tls` TXT record asks
 for reports.  Where DANE TLSA records applied, the policy is tlsa, for the MX host they
 belong to, with the records as policy strings (Postfix's smtp_tlsrpt_set_dane_policy);
+where an MTA-STS policy applied, sts, for the domain, with its lines and mx patterns;
 otherwise no-policy-found, for the next-hop domain (the recipient domain unless a route
 sends its mail elsewhere).
 

@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 from tests.integration.dns_server import unbound_factory  # noqa: F401  (a fixture for every test here)
+from tests.integration.tlsrpt_collector import collector  # noqa: F401  (a fixture for every test here)
 from tests.integration.outbound_peers import OutboundProxy, start_outbound_proxy
 from tests.integration.peers import (
     Conversation,

@@ -6,6 +6,8 @@ The `start_outbound` and `remote_pki` fixtures (tests/integration/conftest.py) b
 from __future__ import annotations
 
 import dataclasses
+import re
+import subprocess
 import urllib.request
 import uuid
 from collections.abc import Mapping
@@ -82,6 +84,23 @@ def metric_samples(port: int, name: str) -> dict[str, float]:
         lines = response.read().decode().splitlines()
     return {line[len(name):].rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
             for line in lines if line.startswith(name + "{")}
+
+
+def send_marked(proxy: OutboundProxy, domain: str) -> tuple[str, subprocess.CompletedProcess[str]]:
+    """One message to user@`domain` through `proxy` (swaks); (its marker, swaks' result)."""
+    marker = token()
+    return marker, swaks_via(proxy, marker, f"user@{domain}")
+
+
+def assert_deferred(result: subprocess.CompletedProcess[str], text: str) -> None:
+    """swaks saw the TLS-policy deferral (451 4.7.5) naming `text`."""
+    assert result.returncode != 0, result.stdout
+    assert re.search(rf"<\*\* 451 4\.7\.5 .*{re.escape(text)}", result.stdout), result.stdout
+
+
+def assert_delivered_nowhere(marker: str, *remotes: PostfixInstance) -> None:
+    for remote in remotes:
+        assert not any(marker.encode() in message for message in remote.messages()), remote.hostname
 
 
 def token() -> str:

@@ -171,6 +171,12 @@ def listening_in(pid: int, host: str, port: int) -> bool:
     return any(f[1] == local and f[3] == "0A" for f in (row.split() for row in rows))
 
 
+def listening_on(host: str, port: int) -> bool:
+    """True if a socket listens on exactly host:port here (e.g. a second loopback address
+    of a server whose own readiness check looks at the port only)."""
+    return listening_in(os.getpid(), host, port)
+
+
 # --------------------------------------------------------------------------- small helpers
 
 

@@ -21,15 +21,30 @@ import hashlib
 import re
 import ssl
 import subprocess
+import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from tests.integration.dns_server import Unbound, requires_unbound
-from tests.integration.outbound_peers import OutboundProxy, delivered, metric_samples, swaks_via, token
-from tests.integration.peers import CertFiles, Pki, PostfixInstance, free_port, postfix_tls_server_params, wait_until
-from tests.integration.test_tlsrpt import Collector
+from tests.integration.outbound_peers import (
+    OutboundProxy,
+    assert_deferred,
+    assert_delivered_nowhere,
+    delivered,
+    metric_samples,
+)
+from tests.integration.outbound_peers import send_marked as send
+from tests.integration.peers import (
+    CertFiles,
+    Pki,
+    PostfixInstance,
+    free_port,
+    listening_on,
+    postfix_tls_server_params,
+    wait_until,
+    write_config,
+)
 
 pytestmark = [pytest.mark.integration, requires_unbound]
 
@@ -64,16 +79,8 @@ def remotes(tmp_path_factory) -> Iterator[Remotes]:
         plain = stack.enter_context(PostfixInstance(
             tmp_path_factory.mktemp("dane-plain"), domains=DOMAINS, hostname="mx-plain.dane.test",
             extra_master_cf=[f"127.0.0.2:{port} inet n - n - - smtpd"]))
-        wait_until(lambda: _accepts("127.0.0.2", port), 10, f"Postfix smtpd on 127.0.0.2:{port}")
+        wait_until(lambda: listening_on("127.0.0.2", port), 10, f"Postfix smtpd on 127.0.0.2:{port}")
         yield Remotes(port, tls, plain, cert, ssl.PEM_cert_to_DER_cert(ca_pem))
-
-
-def _accepts(address: str, port: int) -> bool:
-    import socket
-
-    with socket.socket() as probe:
-        probe.settimeout(1)
-        return probe.connect_ex((address, port)) == 0
 
 
 def tlsrpt_txt(domain: str) -> str:
@@ -124,19 +131,8 @@ def outbound(start_outbound, remotes: Remotes, dns: Unbound, policy: str = "", *
                           port=remotes.port, **options)
 
 
-def send(proxy: OutboundProxy, domain: str) -> tuple[str, subprocess.CompletedProcess[str]]:
-    marker = token()
-    return marker, swaks_via(proxy, marker, f"user@{domain}")
-
-
-def assert_deferred(result: subprocess.CompletedProcess[str], text: str) -> None:
-    assert result.returncode != 0, result.stdout
-    assert re.search(rf"<\*\* 451 4\.7\.5 .*{re.escape(text)}", result.stdout), result.stdout
-
-
 def assert_nowhere(remotes: Remotes, marker: str) -> None:
-    for remote in (remotes.tls, remotes.plain):
-        assert not any(marker.encode() in message for message in remote.messages()), remote.hostname
+    assert_delivered_nowhere(marker, remotes.tls, remotes.plain)
 
 
 def events(proxy: OutboundProxy, text: str) -> list[str]:
@@ -303,17 +299,21 @@ def test_only_unusable_tlsa_records_make_tls_mandatory_without_authentication(st
     assert policy["policy_level"] == "may"  # the table's level; the host's became encrypt
 
 
+def test_probe_says_which_records_authenticated_the_host(remotes, dns_server, tmp_path):
+    config = write_config(tmp_path / "conf", {
+        "inbound": {"listen": [], "implicit_tls_listen": []},
+        "outbound": {"port": remotes.port, "hostname": "probe.example.test"},
+        "dns": {"nameservers": [dns_server.nameserver], "dnssec": True},
+    })
+    result = subprocess.run([sys.executable, "-m", "smtproxy", "probe", "--config", str(config), "good.dane.test"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "policy: may (source: default_level)" in result.stdout
+    assert f"DANE: mx-good.dane.test authenticated by TLSA 3 1 1 {spki_digest(remotes.cert)}" in result.stdout
+    assert f"Verified TLS connection established to mx-good.dane.test[127.0.0.1]:{remotes.port}" in result.stdout
+
+
 # ----------------------------------------------------------------------------- TLSRPT
-
-
-@pytest.fixture
-def collector(tmp_path: Path) -> Iterator[Collector]:
-    root = tmp_path / "tlsrpt"
-    root.mkdir()
-    collector = Collector(root)
-    yield collector
-    collector.stop()
-    print(collector.logs())
 
 
 def test_tlsrpt_reports_the_tlsa_policy(collector, start_outbound, remotes, dns_server):

@@ -15,20 +15,32 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import re
 import shutil
 import signal
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.integration.dns_server import Unbound, requires_unbound
-from tests.integration.outbound_peers import OutboundProxy, delivered, metric_samples, swaks_via, token
-from tests.integration.peers import Pki, PostfixInstance, free_port, postfix_tls_server_params, stop_process, wait_until
-from tests.integration.test_outbound_relay import listening_on
-from tests.integration.test_tlsrpt import Collector
+from tests.integration.outbound_peers import (
+    OutboundProxy,
+    assert_deferred,
+    assert_delivered_nowhere,
+    delivered,
+    metric_samples,
+)
+from tests.integration.outbound_peers import send_marked as send
+from tests.integration.peers import (
+    Pki,
+    PostfixInstance,
+    free_port,
+    listening_on,
+    postfix_tls_server_params,
+    stop_process,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.integration, requires_unbound]
 
@@ -64,9 +76,13 @@ class PolicyServer:
              "-key", str(cert.key_file)],
             cwd=root, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True)
-        wait_until(lambda: listening_on(address, 443) or self.process.poll() is not None, 10,
-                   f"openssl s_server on {address}:443")
-        assert self.process.poll() is None, f"openssl s_server on {address}:443 exited"
+        try:
+            wait_until(lambda: listening_on(address, 443) or self.process.poll() is not None, 10,
+                       f"openssl s_server on {address}:443")
+            assert self.process.poll() is None, f"openssl s_server on {address}:443 exited"
+        except AssertionError:
+            self.stop()
+            raise
 
     def stop(self) -> None:
         stop_process(self.process)
@@ -118,19 +134,8 @@ def outbound(start_outbound, peers: Peers, **options) -> OutboundProxy:
                           ca_file=str(peers.pki.ca_file), **options)
 
 
-def send(proxy: OutboundProxy, domain: str) -> tuple[str, subprocess.CompletedProcess[str]]:
-    marker = token()
-    return marker, swaks_via(proxy, marker, f"user@{domain}")
-
-
-def assert_deferred(result: subprocess.CompletedProcess[str], text: str) -> None:
-    assert result.returncode != 0, result.stdout
-    assert re.search(rf"<\*\* 451 4\.7\.5 .*{re.escape(text)}", result.stdout), result.stdout
-
-
 def assert_nowhere(peers: Peers, marker: str) -> None:
-    for remote in (peers.good, peers.wrong):
-        assert not any(marker.encode() in message for message in remote.messages()), remote.hostname
+    assert_delivered_nowhere(marker, peers.good, peers.wrong)
 
 
 def trust_words(proxy: OutboundProxy, sessions: int = 1) -> list[str]:
@@ -201,16 +206,6 @@ def test_an_unreachable_policy_is_no_policy(start_outbound, peers):
     delivered(peers.good, marker)
     [why] = proxy.records("MTA-STS: no policy")
     assert why["result_type"] == "sts-policy-fetch-error" and UNREACHABLE in why["reason"], why
-
-
-@pytest.fixture
-def collector(tmp_path: Path) -> Iterator[Collector]:
-    root = tmp_path / "tlsrpt"
-    root.mkdir()
-    collector = Collector(root)
-    yield collector
-    collector.stop()
-    print(collector.logs())
 
 
 def test_testing_delivers_and_reports_what_enforce_would_refuse(collector, start_outbound, peers):

@@ -40,10 +40,11 @@ from tests.integration.peers import (
     Pki,
     PostfixInstance,
     free_port,
+    listening_on,
     postfix_tls_server_params,
     wait_until,
 )
-from tests.integration.outbound_peers import OutboundProxy, delivered, swaks_via, token
+from tests.integration.outbound_peers import OutboundProxy, assert_deferred, delivered, swaks_via, token
 
 pytestmark = [pytest.mark.integration, requires_unbound]
 
@@ -101,12 +102,6 @@ class Remotes:
         return [remote.hostname for remote in self.all() if any(marker.encode() in m for m in remote.messages())]
 
 
-def _listening_on(address: str, port: int) -> bool:
-    local = "{:08X}:{:04X}".format(int.from_bytes(socket.inet_aton(address), "little"), port)
-    with open("/proc/net/tcp") as table:
-        return any(row.split()[1] == local and row.split()[3] == "0A" for row in list(table)[1:])
-
-
 @pytest.fixture(scope="module")
 def dns_server(tmp_path_factory) -> Iterator[Unbound]:
     # the real Unbound of tests/integration/dns_server.py, once per module (unbound_factory
@@ -139,7 +134,7 @@ def remotes(tmp_path_factory) -> Iterator[Remotes]:
                 tmp_path_factory.mktemp(f"remote-{kind}"), domains=DOMAINS, hostname=f"mx1.{kind}.test",
                 extra_main_cf=postfix_tls_server_params(bad_certs[kind]),
                 extra_master_cf=[f"{address}:{port} inet n - n - - smtpd"]))
-            wait_until(lambda: _listening_on(address, port), 10, f"Postfix smtpd on {address}:{port}")
+            wait_until(lambda: listening_on(address, port), 10, f"Postfix smtpd on {address}:{port}")
         yield Remotes(port, pki.ca_file, good, good_cert, bad, bad_certs)
 
 
@@ -297,11 +292,6 @@ def logged(proxy: OutboundProxy, text: str, *, sessions: int = 1, after: int = 0
 
 def established(proxy: OutboundProxy, *, sessions: int = 1, after: int = 0) -> list[str]:
     return [r["event"] for r in logged(proxy, " TLS connection established to ", sessions=sessions, after=after)]
-
-
-def assert_deferred(result: subprocess.CompletedProcess[str], text: str) -> None:
-    assert result.returncode != 0, result.stdout
-    assert re.search(rf"<\*\* 451 4\.7\.5 .*{re.escape(text)}", result.stdout), result.stdout
 
 
 def assert_no_mail_in(sessions: SmtpdSessions, at_least: int = 1) -> list[str]:

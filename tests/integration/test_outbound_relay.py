@@ -32,6 +32,7 @@ from tests.integration.peers import (
     SmtpSink,
     flood_without_reading,
     free_port,
+    listening_on,
     wait_until,
 )
 from tests.integration.outbound_peers import OutboundProxy
@@ -82,14 +83,6 @@ def relay_one(proxy: OutboundProxy, recipient: str, marker: str) -> tuple[Reply,
 
 def with_marker(messages: list[bytes], marker: str) -> list[bytes]:
     return [m for m in messages if marker.encode() in m]
-
-
-def listening_on(host: str, port: int) -> bool:
-    """True if a socket listens on exactly host:port (IPv4), from /proc/net/tcp."""
-    local = socket.inet_aton(host)[::-1].hex().upper() + f":{port:04X}"
-    with open("/proc/net/tcp") as rows:
-        next(rows)
-        return any(f[1] == local and f[3] == "0A" for f in (row.split() for row in rows))
 
 
 class SinkAt(SmtpSink):

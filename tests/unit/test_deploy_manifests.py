@@ -397,7 +397,9 @@ def test_network_policy(rendered: list[dict[str, Any]]) -> None:
         for port in rule["ports"]:
             container_port(c, port["port"])  # the named port exists
     egress = {(p["port"], p["protocol"]) for rule in policy["egress"] for p in rule["ports"]}
-    assert egress == {(53, "UDP"), (53, "TCP"), (smtproxy_config(rendered)["outbound"]["port"], "TCP")}
+    assert egress == {(53, "UDP"), (53, "TCP"), (smtproxy_config(rendered)["outbound"]["port"], "TCP"),
+                      (443, "TCP")}  # MTA-STS policy fetches
+    assert smtproxy_config(rendered)["mta_sts"]["enabled"] is True
 
 
 def test_config_files_and_socket_are_on_the_right_volumes(rendered: list[dict[str, Any]]) -> None:

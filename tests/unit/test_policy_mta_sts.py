@@ -16,6 +16,7 @@ import dns.resolver
 import dns.rrset
 import pytest
 
+from smtproxy.policy import mta_sts
 from smtproxy.policy.mta_sts import (
     StsCache,
     StsError,
@@ -87,7 +88,9 @@ async def test_the_cache_survives_a_new_process_and_expires(tmp_path):
     assert await again.get("example.com", time.time() + 61) is None
 
 
-async def test_a_cache_file_that_cannot_be_used_leaves_the_policy_in_memory_and_is_tried_again(tmp_path):
+async def test_a_cache_file_that_cannot_be_used_leaves_the_policy_in_memory_and_is_tried_again(
+        tmp_path, monkeypatch):
+    monkeypatch.setattr(mta_sts, "REOPEN_DELAY", 0.0)  # at once, not a minute later
     blocker = tmp_path / "state"
     blocker.write_text("")  # a file where the cache's directory should be
     cache = StsCache(blocker / "cache.sqlite")
@@ -206,6 +209,16 @@ async def test_a_silent_policy_server_costs_no_more_than_the_fetch_timeout():
         await policies._fetch("example.com", "1", time.time())
     elapsed = time.monotonic() - started
     server.close()
+    for writer in held:
+        writer.close()
+    await server.wait_closed()
     assert elapsed < 3.0, elapsed
     assert error.value.result_type == "sts-policy-fetch-error"
     assert error.value.reason.count("no answer within") == 2  # each address had its share
+
+
+async def test_deliveries_that_start_together_wait_for_one_fetch(policies):
+    policies.resolver.txt["_mta-sts.example.com"] = "v=STSv1; id=1"
+    found = await asyncio.gather(*(policies.policy_for("example.com") for _ in range(20)))
+    assert {policy.policy_id for policy in found} == {"1"}
+    assert policies.fetches == 1
