@@ -38,7 +38,7 @@ from smtproxy.outbound.fallback import PlaintextFallback
 from smtproxy.outbound.upstream import UpstreamConnection, UpstreamError
 from smtproxy.policy.dane import DaneAuthority, TlsaLookup, TlsaStatus, lookup_tlsa, tlsa_name
 from smtproxy.policy.levels import Level, Policy, PolicyDecision
-from smtproxy.policy.mta_sts import StsError, StsPolicies, StsPolicy
+from smtproxy.policy.mta_sts import StsError, StsFailure, StsPolicies, StsPolicy
 from smtproxy.routing.router import Destination, Target
 from smtproxy.routing.routes import address_literal
 from smtproxy.smtp import EhloReply, Reply
@@ -140,10 +140,12 @@ _DANE_LEVELS = (Level.DANE, Level.DANE_ONLY)
 @dataclasses.dataclass(frozen=True, slots=True)
 class _HostContext:
     """What one delivery attempt knows about all its hosts: TLSA lookups made so far, and
-    the domain's MTA-STS policy (None: none applies)."""
+    the domain's MTA-STS policy (None: none applies) or why the one it announces could not
+    be had."""
 
     lookups: dict[tuple[str, int], TlsaLookup]
     sts: StsPolicy | None
+    sts_failure: StsFailure | None = None
 
 
 class Connector:
@@ -180,10 +182,10 @@ class Connector:
         limit = self.settings.mx_address_limit
         lookups: dict[tuple[str, int], TlsaLookup] = {}
         sts = await self._sts_policy(domain, destination, decision)
+        context = _HostContext(lookups, *((None, sts) if isinstance(sts, StsFailure) else (sts, None)))
         for target in destination.targets[:limit] if limit else destination.targets:
             try:
-                return await self._try_target(domain, destination.nexthop, target, decision, certificate,
-                                              _HostContext(lookups, sts))
+                return await self._try_target(domain, destination.nexthop, target, decision, certificate, context)
             except _TryNext as exc:
                 failures.append(exc.failure)
             log.info("delivery attempt failed", domain=domain, peer=f"{target.hostname}[{target.address}]",
@@ -195,17 +197,20 @@ class Connector:
             raise DeliveryFailure(Reply.of(451, "4.7.5", policy_failures[-1].text))
         raise DeliveryFailure(Reply.of(451, "4.4.1", failures[-1].text))
 
-    async def _sts_policy(self, domain: str, destination: Destination, decision: PolicyDecision) -> StsPolicy | None:
+    async def _sts_policy(self, domain: str, destination: Destination,
+                          decision: PolicyDecision) -> StsPolicy | StsFailure | None:
         """The MTA-STS policy of the recipient domain, where it can apply: no table entry
         (DESIGN.md: the table, then DANE, then MTA-STS), a default level other than
-        `none`, and the domain's own MX hosts as the destination (no route elsewhere)."""
+        `none`, and the domain's own MX hosts as the destination (no route elsewhere).
+        StsFailure: the domain announces a policy that could not be had, so the mail goes
+        as if there were none (RFC 8461 5.1), and TLSRPT hears why."""
         if (self.sts is None or decision.source != "default_level" or decision.policy.level is Level.NONE
                 or destination.nexthop != domain):
             return None
         try:
             policy = await self.sts.policy_for(domain)
-        except StsError:  # logged; as RFC 8461 5.1 says: then as if there were no policy
-            return None
+        except StsError as error:  # logged by StsPolicies
+            return StsFailure(domain, error.result_type, error.reason)
         if policy is None or policy.mode == "none":
             return None
         log.info("MTA-STS: policy applies", domain=domain, policy_id=policy.policy_id, mode=policy.mode,
@@ -244,6 +249,8 @@ class Connector:
             policy = by_dane or policy  # unusable TLSA records (encrypt): MTA-STS may ask for more
         if sts is not None:
             return self._sts_host_policy(policy, sts)
+        if context.sts_failure is not None:
+            return dataclasses.replace(policy, sts_failure=context.sts_failure)
         return policy
 
     def _sts_host_policy(self, policy: Policy, sts: StsPolicy) -> Policy:
@@ -459,6 +466,10 @@ def _policy_facts(policy: Policy) -> dict[str, object]:
     if policy.sts is not None:
         return {"tlsrpt_policy_type": "sts", "tlsrpt_policy_domain": policy.sts.domain,
                 "tlsrpt_policy_strings": policy.sts.lines, "tlsrpt_mx_hosts": policy.sts.mx}
+    if policy.sts_failure is not None:
+        failure = policy.sts_failure
+        return {"tlsrpt_policy_type": "sts", "tlsrpt_policy_domain": failure.domain,
+                "tlsrpt_failure": (failure.result_type, failure.reason.replace(" ", "_"))}
     return {}
 
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from smtproxy.policy.dane import DaneAuthority
 
 if TYPE_CHECKING:  # the value only; mta_sts.py brings an HTTP client and SQLite with it
-    from smtproxy.policy.mta_sts import StsPolicy
+    from smtproxy.policy.mta_sts import StsFailure, StsPolicy
 
 
 class Level(enum.StrEnum):
@@ -71,7 +71,8 @@ class Policy:
     the connector for one MX host when its usable TLSA records make TLS mandatory and
     authenticate the server (levels `dane` and `dane-only`), never by a table.  `sts`: set by
     the connector for a host under the domain's MTA-STS policy (level verify for `enforce`,
-    the level as it was for `testing`), for TLSRPT and for caching under that policy.
+    the level as it was for `testing`), for TLSRPT and for caching under that policy;
+    `sts_failure`: the domain announces a policy that could not be had (for TLSRPT).
     """
 
     level: Level
@@ -86,6 +87,7 @@ class Policy:
     verify_depth: int | None = None
     dane: DaneAuthority | None = None
     sts: StsPolicy | None = None
+    sts_failure: StsFailure | None = None
 
     @property
     def tls_wanted(self) -> bool:

@@ -54,6 +54,16 @@ class StsError(Exception):
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class StsFailure:
+    """A policy `domain` announces but that could not be had: what TLSRPT reports for the
+    connections made without it (RFC 8460 sts-policy-fetch-error, sts-policy-invalid)."""
+
+    domain: str
+    result_type: str
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class StsPolicy:
     """One domain's policy as published; `lines` as TLSRPT reports the policy-string."""
 

@@ -3,7 +3,7 @@ for sys4's tlsrpt-collectd, as Postfix 3.10 sends them through libtlsrpt.
 
 What is reported (Postfix's rules, smtp_tlsrpt.c): one final result per new connection,
 success or the failure the connector met (under MTA-STS `testing`, what `enforce` would
-have refused); never for a reused cached connection; for a resumed TLS session only with
+have refused; without the MTA-STS policy a domain announces, why it could not be had); never for a reused cached connection; for a resumed TLS session only with
 `skip_reused_handshakes = false`; starttls-not-supported only where the level requires TLS
 or a DANE or MTA-STS policy applied; never about `[host]` nexthops and address literals
 (`HandshakeFacts.domain` is None); and only to domains whose `_smtp._tls` TXT record asks

@@ -106,7 +106,8 @@ def peers(tmp_path_factory) -> Iterator[Peers]:
     records = [f"mta-sts.unreachable.test. A {UNREACHABLE}", txt("unreachable.test"),
                f"mta-sts.kept.test. A {KEPT}", txt("kept.test"),
                "mx.sts.test. A 127.0.0.1", "mx.wrong.test. A 127.0.0.2",
-               '_smtp._tls.testing.test. TXT "v=TLSRPTv1; rua=mailto:tlsrpt@testing.test"',
+               *(f'_smtp._tls.{domain}. TXT "v=TLSRPTv1; rua=mailto:tlsrpt@{domain}"'
+                 for domain in ("testing.test", "unreachable.test")),
                *(f"{domain}. MX 10 {host}." for domain, host in MX.items())]
     for domain, (address, _) in POLICIES.items():
         records += [f"mta-sts.{domain}. A {address}", txt(domain)]
@@ -197,15 +198,23 @@ def test_mta_sts_can_be_switched_off(start_outbound, peers):
 # ----------------------------------------------------------------------------- no policy, testing
 
 
-def test_an_unreachable_policy_is_no_policy(start_outbound, peers):
+def test_an_unreachable_policy_is_no_policy_and_reported(collector, start_outbound, peers):
     """RFC 8461 5.1: a domain whose policy cannot be fetched, and none is cached, gets
-    mail as if it had none; smtproxy says why."""
-    proxy = outbound(start_outbound, peers)
+    mail as if it had none; smtproxy says why, and so does TLSRPT (RFC 8460
+    sts-policy-fetch-error) for the connection made without it."""
+    proxy = outbound(start_outbound, peers, tlsrpt={"socket": str(collector.socket)})
     marker, result = send(proxy, "unreachable.test")
     assert result.returncode == 0, result.stdout
     delivered(peers.good, marker)
     [why] = proxy.records("MTA-STS: no policy")
     assert why["result_type"] == "sts-policy-fetch-error" and UNREACHABLE in why["reason"], why
+    assert trust_words(proxy) == ["Trusted"]  # the handshake itself is fine, and logged so
+    wait_until(lambda: collector.stored_results() == 1, 10, "1 result in the collector's database")
+    collector.roll_over()
+    [policy] = collector.reports_by_reportd({"unreachable.test"})["unreachable.test"]["policies"]
+    assert policy["policy"] == {"policy-type": "sts", "policy-domain": "unreachable.test"}
+    [detail] = policy["failure-details"]
+    assert detail["result-type"] == "sts-policy-fetch-error" and UNREACHABLE in detail["failure-reason-code"]
 
 
 def test_testing_delivers_and_reports_what_enforce_would_refuse(collector, start_outbound, peers):

@@ -10,10 +10,10 @@ import pytest
 from smtproxy.config import OutboundTlsConfig
 from smtproxy.events import EventBus, HandshakeFacts
 from smtproxy.outbound import connector as connector_module
-from smtproxy.outbound.connector import ConnectSettings, Connector, _HostContext, _TryNext
+from smtproxy.outbound.connector import ConnectSettings, Connector, _HostContext, _policy_facts, _TryNext
 from smtproxy.policy.dane import Tlsa, TlsaLookup, TlsaStatus
 from smtproxy.policy.levels import Level, Policy, PolicyDecision
-from smtproxy.policy.mta_sts import parse_policy
+from smtproxy.policy.mta_sts import StsFailure, parse_policy
 from smtproxy.routing.router import Target
 from smtproxy.tls.client_context import ClientTls
 from smtproxy.tls.session_cache import SessionCache
@@ -85,6 +85,16 @@ async def test_unusable_tlsa_records_do_not_lower_enforce_to_encrypt(tlsa, publi
 async def test_enforce_never_weakens_a_stricter_default(level, tlsa, published):
     policy = await host_policy(published, LISTED, level, ENFORCE, dnssec=False)
     assert (policy.level, policy.match, policy.sts) == (level, (), ENFORCE)
+
+
+async def test_a_policy_that_could_not_be_had_marks_the_host_policy_for_tlsrpt(tlsa, published):
+    failure = StsFailure("example.com", "sts-policy-fetch-error", "connection refused")
+    decision = PolicyDecision(Policy(Level.MAY), "default_level")
+    policy = await connector(published)._host_policy("example.com", LISTED, decision,
+                                                     _HostContext({}, None, failure))
+    assert (policy.level, policy.sts, policy.sts_failure) == (Level.MAY, None, failure)
+    assert _policy_facts(policy) == {"tlsrpt_policy_type": "sts", "tlsrpt_policy_domain": "example.com",
+                                     "tlsrpt_failure": ("sts-policy-fetch-error", "connection_refused")}
 
 
 async def test_testing_keeps_the_level_and_only_marks_the_policy(tlsa, published):
