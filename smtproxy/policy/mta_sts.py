@@ -215,6 +215,9 @@ def https_context(ca_file: Path | None) -> ssl.SSLContext:
     return context
 
 
+NO_RECORD_TTL = 300.0  # seconds a domain without an _mta-sts record is taken at its word
+MAX_RECORD_TTL = 3600.0
+MAX_REMEMBERED = 10000
 FETCH_RETRY = 300.0  # seconds before a failed fetch of the same policy id is tried again
 
 
@@ -229,6 +232,7 @@ class StsPolicies:
         self.fetch_timeout = fetch_timeout
         self._failed: dict[tuple[str, str], tuple[float, StsError]] = {}  # (domain, id) -> (until, why)
         self._fetching: dict[tuple[str, str], asyncio.Task[StsPolicy]] = {}  # one fetch per policy at a time
+        self._announced: dict[str, tuple[float, str | None]] = {}  # domain -> (until, id) from DNS
         self.port = 443  # RFC 8461 3.3; tests point it elsewhere
 
     async def policy_for(self, domain: str) -> StsPolicy | None:
@@ -273,12 +277,26 @@ class StsPolicies:
 
     async def _announced_id(self, domain: str) -> str | None:
         """The id in `_mta-sts.<domain>` TXT; None when there is none or DNS fails (a
-        cached policy then stays in force, RFC 8461 5.1)."""
+        cached policy then stays in force, RFC 8461 5.1).  An answer is remembered for its
+        TTL (no record: `NO_RECORD_TTL`), so that mail to domains without MTA-STS, most of
+        it, costs no DNS query per connection; a failure is not remembered."""
+        now = time.monotonic()
+        known = self._announced.get(domain)
+        if known is not None and known[0] > now:
+            return known[1]
         try:
             answer = await self.resolver.resolve(f"_mta-sts.{domain}", "TXT", search=False)
+        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+            policy_id, ttl = None, NO_RECORD_TTL
         except (dns.exception.DNSException, OSError):
             return None
-        return parse_record([b"".join(rdata.strings).decode("utf-8", "replace") for rdata in answer])
+        else:
+            policy_id = parse_record([b"".join(rdata.strings).decode("utf-8", "replace") for rdata in answer])
+            ttl = min(answer.rrset.ttl if answer.rrset is not None else 0, MAX_RECORD_TTL)
+        if len(self._announced) >= MAX_REMEMBERED:
+            self._announced = {name: entry for name, entry in self._announced.items() if entry[0] > now}
+        self._announced[domain] = (now + ttl, policy_id)
+        return policy_id
 
     async def _fetch(self, domain: str, policy_id: str, now: float) -> tuple[StsPolicy, str]:
         failed = self._failed.get((domain, policy_id))

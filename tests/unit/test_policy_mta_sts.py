@@ -108,15 +108,18 @@ class _Resolver:
 
     def __init__(self) -> None:
         self.txt: dict[str, str] = {}
+        self.ttl = 0  # answers are not remembered unless a test says so
+        self.queries = 0
 
     async def resolve(self, qname: str, rdtype: str, **_options) -> dns.resolver.Answer:
+        self.queries += 1
         if qname not in self.txt:
             raise dns.resolver.NXDOMAIN()
         query = dns.message.make_query(qname, rdtype)
         response = dns.message.make_response(query)
         rrset = response.find_rrset(response.answer, query.question[0].name, dns.rdataclass.IN,
                                     dns.rdatatype.TXT, create=True)
-        rrset.update(dns.rrset.from_text(query.question[0].name, 300, "IN", "TXT", f'"{self.txt[qname]}"'))
+        rrset.update(dns.rrset.from_text(query.question[0].name, self.ttl, "IN", "TXT", f'"{self.txt[qname]}"'))
         return dns.resolver.Answer(dns.name.from_text(qname), dns.rdatatype.TXT, dns.rdataclass.IN, response)
 
 
@@ -136,8 +139,21 @@ class _Policies(StsPolicies):
 
 
 @pytest.fixture
-def policies(tmp_path) -> _Policies:
+def policies(tmp_path, monkeypatch) -> _Policies:
+    monkeypatch.setattr(mta_sts, "NO_RECORD_TTL", 0.0)  # every call asks DNS again
     return _Policies(StsCache(tmp_path / "cache.sqlite"))
+
+
+async def test_the_record_is_asked_once_per_ttl(tmp_path):
+    """Mail to a domain without MTA-STS (most mail) costs no TXT query per connection."""
+    policies = _Policies(StsCache(None))
+    for _ in range(3):
+        assert await policies.policy_for("plain.example") is None
+    policies.resolver.txt["_mta-sts.example.com"] = "v=STSv1; id=1"
+    policies.resolver.ttl = 300
+    for _ in range(3):
+        assert (await policies.policy_for("example.com")).policy_id == "1"
+    assert (policies.resolver.queries, policies.fetches) == (2, 1)
 
 
 async def test_no_record_no_policy(policies):
