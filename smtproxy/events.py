@@ -81,8 +81,10 @@ class HandshakeFacts:
     tlsrpt_policy_domain: str | None = None
     tlsrpt_policy_strings: tuple[str, ...] = ()
     tlsrpt_mx_hosts: tuple[str, ...] = ()
-    # MTA-STS testing: (result type, reason) of what enforce would have refused, reported to
-    # TLSRPT as a failure while the handshake counts as the success it was everywhere else
+    # (result type, reason) reported to TLSRPT as a failure while the handshake counts as
+    # the success it was everywhere else: under MTA-STS testing what enforce would have
+    # refused; without tlsrpt_policy_type, why the MTA-STS policy the domain announces
+    # could not be had (sts-policy-fetch-error, sts-webpki-invalid, sts-policy-invalid)
     tlsrpt_failure: tuple[str, str] | None = None
 
     @property

@@ -244,7 +244,7 @@ class Connector:
         by_default = decision.source == "default_level" and policy.level is not Level.NONE
         if policy.level in _DANE_LEVELS or (by_default and self.resolver is not None):
             by_dane = await self._dane_policy(nexthop, target, policy, context.lookups)
-            if by_dane is not None and (by_dane.dane is not None or sts is None):
+            if by_dane is not None and by_dane.dane is not None:
                 return by_dane
             policy = by_dane or policy  # unusable TLSA records (encrypt): MTA-STS may ask for more
         if sts is not None:
@@ -466,10 +466,9 @@ def _policy_facts(policy: Policy) -> dict[str, object]:
     if policy.sts is not None:
         return {"tlsrpt_policy_type": "sts", "tlsrpt_policy_domain": policy.sts.domain,
                 "tlsrpt_policy_strings": policy.sts.lines, "tlsrpt_mx_hosts": policy.sts.mx}
-    if policy.sts_failure is not None:
+    if policy.sts_failure is not None:  # no policy was in force: only the failure to get one
         failure = policy.sts_failure
-        return {"tlsrpt_policy_type": "sts", "tlsrpt_policy_domain": failure.domain,
-                "tlsrpt_failure": (failure.result_type, failure.reason.replace(" ", "_"))}
+        return {"tlsrpt_failure": (failure.result_type, failure.reason.replace(" ", "_"))}
     return {}
 
 

@@ -87,7 +87,7 @@ class Policy:
     verify_depth: int | None = None
     dane: DaneAuthority | None = None
     sts: StsPolicy | None = None
-    sts_failure: StsFailure | None = None
+    sts_failure: StsFailure | None = dataclasses.field(default=None, compare=False)  # its text varies; no key
 
     @property
     def tls_wanted(self) -> bool:

@@ -142,6 +142,7 @@ class StsCache:
         self._memory: dict[str, tuple[StsPolicy, float]] = {}
         self._db: sqlite3.Connection | None = None
         self._reopen_at = 0.0  # after a file that could not be opened: not before then
+        self._closed = False  # replaced by a reload: what still runs keeps to memory
         self._lock = threading.Lock()
 
     async def get(self, domain: str, now: float) -> StsPolicy | None:
@@ -174,7 +175,7 @@ class StsCache:
     def _execute(self, sql: str, parameters: tuple) -> tuple | None:
         with self._lock:
             if self._db is None:
-                if time.monotonic() < self._reopen_at:
+                if self._closed or time.monotonic() < self._reopen_at:
                     return None
                 try:
                     self._db = _open(self.path)
@@ -191,6 +192,7 @@ class StsCache:
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             if self._db is not None:
                 self._db.close()
                 self._db = None
@@ -230,7 +232,7 @@ class StsPolicies:
         self.cache = cache
         self.context = context
         self.fetch_timeout = fetch_timeout
-        self._failed: dict[tuple[str, str], tuple[float, StsError]] = {}  # (domain, id) -> (until, why)
+        self._failed: dict[tuple[str, str], tuple[float, str, str]] = {}  # (domain, id) -> (until, type, reason)
         self._fetching: dict[tuple[str, str], asyncio.Task[StsPolicy]] = {}  # one fetch per policy at a time
         self._announced: dict[str, tuple[float, str | None]] = {}  # domain -> (until, id) from DNS
         self.port = 443  # RFC 8461 3.3; tests point it elsewhere
@@ -293,15 +295,16 @@ class StsPolicies:
         else:
             policy_id = parse_record([b"".join(rdata.strings).decode("utf-8", "replace") for rdata in answer])
             ttl = min(answer.rrset.ttl if answer.rrset is not None else 0, MAX_RECORD_TTL)
-        if len(self._announced) >= MAX_REMEMBERED:
-            self._announced = {name: entry for name, entry in self._announced.items() if entry[0] > now}
+        self._announced.pop(domain, None)
+        if len(self._announced) >= MAX_REMEMBERED:  # the oldest answer goes: insertion order
+            del self._announced[next(iter(self._announced))]
         self._announced[domain] = (now + ttl, policy_id)
         return policy_id
 
     async def _fetch(self, domain: str, policy_id: str, now: float) -> tuple[StsPolicy, str]:
         failed = self._failed.get((domain, policy_id))
         if failed is not None and failed[0] > now:
-            raise failed[1]
+            raise StsError(failed[1], failed[2])  # a new one each time: a raised one keeps its traceback
         try:
             # the addresses share fetch_timeout; the outer bound only catches what overruns it
             async with asyncio.timeout(self.fetch_timeout + 1.0):
@@ -312,7 +315,7 @@ class StsPolicies:
         except StsError as failed:
             error = failed
         self._failed = {key: value for key, value in self._failed.items() if value[0] > now}
-        self._failed[(domain, policy_id)] = (now + FETCH_RETRY, error)
+        self._failed[(domain, policy_id)] = (now + FETCH_RETRY, error.result_type, error.reason)
         log.warning("MTA-STS: no policy", domain=domain, policy_id=policy_id, result_type=error.result_type,
                     reason=error.reason)
         raise error
@@ -321,6 +324,7 @@ class StsPolicies:
         """GET https://`host`/.well-known/mta-sts.txt from the first address that answers,
         each address given an equal share of the time left."""
         reasons = []
+        result_type = "sts-policy-fetch-error"
         addresses = await self._addresses(host)
         for index, address in enumerate(addresses):
             share = (deadline - time.monotonic()) / (len(addresses) - index)
@@ -329,9 +333,12 @@ class StsPolicies:
                     return await self._get_from(address, host)
             except TimeoutError:
                 reasons.append(f"{address}: no answer within {share:.1f} s")
+            except ssl.SSLCertVerificationError as error:  # RFC 8460 4.3.2.2
+                result_type = "sts-webpki-invalid"
+                reasons.append(f"{address}: {error.verify_message}")
             except (OSError, ssl.SSLError, h11.ProtocolError) as error:
                 reasons.append(f"{address}: {error}")
-        raise StsError("sts-policy-fetch-error", "; ".join(reasons) or f"{host} has no address")
+        raise StsError(result_type, "; ".join(reasons) or f"{host} has no address")
 
     async def _addresses(self, host: str) -> list[str]:
         addresses = []

@@ -67,6 +67,8 @@ def tlsrpt_result(facts: HandshakeFacts, domain: str, record: str) -> TlsrptResu
     if facts.tlsrpt_policy_type is not None:
         policy = TlsrptPolicy(facts.tlsrpt_policy_type, facts.tlsrpt_policy_domain, facts.tlsrpt_policy_strings,
                               facts.tlsrpt_mx_hosts)
+    elif facts.tlsrpt_failure is not None and not facts.failure_type:  # the domain's MTA-STS policy, not had
+        policy = TlsrptPolicy("sts", domain)
     else:
         policy = TlsrptPolicy("no-policy-found", domain)
     return TlsrptResult(domain, record, policy, failure)

@@ -5,6 +5,7 @@ tests/integration/test_mta_sts.py; here it is replaced, to count and to fail on 
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 
 import dns.exception
@@ -15,6 +16,7 @@ import dns.rdatatype
 import dns.resolver
 import dns.rrset
 import pytest
+import trustme
 
 from smtproxy.policy import mta_sts
 from smtproxy.policy.mta_sts import (
@@ -238,3 +240,31 @@ async def test_deliveries_that_start_together_wait_for_one_fetch(policies):
     found = await asyncio.gather(*(policies.policy_for("example.com") for _ in range(20)))
     assert {policy.policy_id for policy in found} == {"1"}
     assert policies.fetches == 1
+
+
+async def test_a_policy_host_with_an_untrusted_certificate_is_sts_webpki_invalid():
+    """RFC 8460 4.3.2.2: not a fetch error, a WebPKI one."""
+    ca = trustme.CA()  # trusted by nobody here
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ca.issue_cert("mta-sts.example.com").configure_cert(context)
+
+    async def serve(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=context)
+    policies = StsPolicies(_AddressResolver(["127.0.0.1"]), StsCache(None), https_context(None), fetch_timeout=5.0)
+    policies.port = server.sockets[0].getsockname()[1]
+    with pytest.raises(StsError) as error:
+        await policies._fetch("example.com", "1", time.time())
+    server.close()
+    await server.wait_closed()
+    assert error.value.result_type == "sts-webpki-invalid" and "certificate" in error.value.reason
+
+
+async def test_what_is_remembered_of_dns_stays_bounded(monkeypatch):
+    monkeypatch.setattr(mta_sts, "MAX_REMEMBERED", 2)
+    policies = _Policies(StsCache(None))
+    for name in ("a.example", "b.example", "c.example", "b.example"):
+        await policies.policy_for(name)
+    assert list(policies._announced) == ["b.example", "c.example"]  # the oldest went; b was still known
+    assert policies.resolver.queries == 3

@@ -171,6 +171,22 @@ async def test_dane_results_carry_the_tlsa_policy_of_the_mx_host(collector):
     assert failure["policies"][0]["failure-details"][0]["c"] == 201
 
 
+async def test_an_mta_sts_policy_that_could_not_be_had_is_reported_once_per_connection(collector):
+    """The handshake was fine; the connection went without the policy the domain announced
+    (RFC 8460 sts-policy-fetch-error).  A failure of the connection's own wins, under no
+    policy, since none was in force."""
+    run = reporter_for(collector.path)
+    fetch_error = ("sts-policy-fetch-error", "connection_refused")
+    await report(run, facts(tlsrpt_failure=fetch_error),
+                 facts(tlsrpt_failure=fetch_error, failure_type="validation-failure",
+                       failure_reason="self-signed_certificate"))
+    without, broken = collector.datagrams()
+    assert without["policies"][0]["policy-type"] == 2 and without["policies"][0]["policy-domain"] == "example.test"
+    assert without["policies"][0]["failure-details"][0]["c"] == 301
+    assert broken["policies"][0]["policy-type"] == 9
+    assert broken["policies"][0]["failure-details"][0]["c"] == 205
+
+
 async def test_a_handshake_failure_under_may_is_reported(collector):
     run = reporter_for(collector.path)
     await report(run, facts(failure_type="validation-failure", failure_reason="tlsv1_alert_protocol_version",
