@@ -182,7 +182,8 @@ class Connector:
         limit = self.settings.mx_address_limit
         lookups: dict[tuple[str, int], TlsaLookup] = {}
         sts = await self._sts_policy(domain, destination, decision)
-        context = _HostContext(lookups, *((None, sts) if isinstance(sts, StsFailure) else (sts, None)))
+        context = _HostContext(lookups, sts if isinstance(sts, StsPolicy) else None,
+                               sts if isinstance(sts, StsFailure) else None)
         for target in destination.targets[:limit] if limit else destination.targets:
             try:
                 return await self._try_target(domain, destination.nexthop, target, decision, certificate, context)

@@ -302,9 +302,9 @@ class StsPolicies:
         return policy_id
 
     async def _fetch(self, domain: str, policy_id: str, now: float) -> tuple[StsPolicy, str]:
-        failed = self._failed.get((domain, policy_id))
-        if failed is not None and failed[0] > now:
-            raise StsError(failed[1], failed[2])  # a new one each time: a raised one keeps its traceback
+        remembered = self._failed.get((domain, policy_id))
+        if remembered is not None and remembered[0] > now:
+            raise StsError(remembered[1], remembered[2])  # a new one each time: a raised one keeps its traceback
         try:
             # the addresses share fetch_timeout; the outer bound only catches what overruns it
             async with asyncio.timeout(self.fetch_timeout + 1.0):
