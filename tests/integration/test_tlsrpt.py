@@ -40,9 +40,8 @@ from tests.integration.peers import (
     wait_until,
 )
 
-from tests.integration.tlsrpt_collector import requires_tlsrpt_reporter
 
-pytestmark = [pytest.mark.integration, requires_unbound, requires_tlsrpt_reporter]
+pytestmark = [pytest.mark.integration, requires_unbound]
 
 DOMAINS = ["reported.test", "unreported.test", "selfsigned.test", "plain.test"]
 SELF_SIGNED_ADDRESS = "127.0.0.4"
